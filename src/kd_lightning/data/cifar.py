@@ -1,0 +1,321 @@
+"""CIFAR-10 and CIFAR-100 data modules.
+
+The python-pickle releases are read directly (no torchvision dataset object, no PIL): each
+split lives in memory as one ``uint8`` tensor ``[N, 3, 32, 32]`` plus ``int64`` targets, and
+the benchmark augmentation (``RandomCrop(32, padding=4)`` + horizontal flip, then
+``Normalize``) runs on tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.datasets.utils import extract_archive
+
+from kd_lightning.data.base import KDDataModule, TensorImageDataset, stratified_split
+from kd_lightning.data.transforms import Compose, RandomHorizontalFlip, RandomTranslate, ToFloatNormalize
+from kd_lightning.errors import DatasetChecksumError, DatasetNotFoundError
+
+__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "DatasetChecksumError", "load_cifar_batches"]
+
+
+def _normalise_keys(entry: dict[Any, Any]) -> dict[str, Any]:
+    # Real CIFAR files are Python 2 pickles (str keys under encoding="latin1");
+    # files written by Python 3 have bytes keys. Accept both.
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a CIFAR pickle: expected a dict, got {type(entry).__name__}.")
+    return _normalise_keys(entry)
+
+
+def load_cifar_batches(paths: Sequence[Path], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read CIFAR python-pickle batch files into tensors.
+
+    Args:
+        paths: batch files of one split, concatenated in this order.
+        label_key: ``"labels"`` (CIFAR-10) or ``"fine_labels"`` (CIFAR-100).
+
+    Returns:
+        ``(images, targets)``: ``uint8 [N, 3, 32, 32]`` and ``int64 [N]``.
+
+    Raises:
+        ValueError: if a file lacks ``data`` or ``label_key`` or has the wrong shape.
+    """
+    images, targets = [], []
+    for path in paths:
+        entry = _load_pickle(path)
+        missing = [k for k in ("data", label_key) if k not in entry]
+        if missing:
+            raise ValueError(f"{path} has no key {missing[0]!r} (keys: {sorted(entry)}).")
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+            raise ValueError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}.")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        targets.append(torch.from_numpy(labels))
+    return torch.cat(images), torch.cat(targets)
+
+
+def _md5(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_ARGS_DOC = """
+    Args:
+        root: folder that holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (the folder
+            itself is accepted too).
+        download: download the archive in :meth:`prepare_data` when the files are missing
+            (needs internet). An archive already in ``root`` is extracted without network.
+        batch_size: training batch size (per process under DDP).
+        eval_batch_size: validation/test batch size; ``None`` means ``batch_size``.
+        num_workers: DataLoader worker processes.
+        val_split: fraction of the training set held out (stratified, evaluation transform)
+            as the validation set. ``0`` validates on the official test split, as the
+            benchmark protocol does.
+        split_seed: seed of the held-out split.
+        pin_memory: pin host memory for faster host-to-GPU copies.
+        drop_last: drop the last incomplete training batch.
+        augment: ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` on the training set.
+        checksum: verify the md5 of every file against torchvision's published values in
+            :meth:`setup` (slower; fails on anything but the official files).
+        return_index: training samples become ``(image, target, index)``, ``index`` being the
+            sample's position in the training set (``0 .. len(train_set) - 1``); needed by
+            memory-bank methods such as CRD. Validation and test samples stay
+            ``(image, target)``.
+"""
+
+
+class _CIFARDataModule(KDDataModule):
+    """Shared logic of the CIFAR data modules; use :class:`CIFAR10DataModule` or :class:`CIFAR100DataModule`."""
+
+    name: ClassVar[str]
+    base_folder: ClassVar[str]
+    train_files: ClassVar[tuple[str, ...]]
+    test_files: ClassVar[tuple[str, ...]]
+    meta_file: ClassVar[str]
+    label_key: ClassVar[str]
+    label_names_key: ClassVar[str]
+    torchvision_name: ClassVar[str]
+    mean: ClassVar[tuple[float, float, float]]
+    std: ClassVar[tuple[float, float, float]]
+    input_shape: tuple[int, ...] = (3, 32, 32)
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_split: float = 0.0,
+        split_seed: int = 0,
+        pin_memory: bool = True,
+        drop_last: bool = False,
+        augment: bool = True,
+        checksum: bool = False,
+        return_index: bool = False,
+    ) -> None:
+        super().__init__(
+            root=root,
+            download=download,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            val_split=val_split,
+            split_seed=split_seed,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+        )
+        self.augment = augment
+        self.checksum = checksum
+        self.return_index = return_index
+        self.classes: list[str] = []
+        self._test_data: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------- files
+    @property
+    def expected_files(self) -> tuple[str, ...]:
+        """Files of the release, relative to the dataset folder."""
+        return (*self.train_files, *self.test_files, self.meta_file)
+
+    def _folder(self) -> Path:
+        """The dataset folder: ``root/<base_folder>``, or ``root`` itself if it holds the files."""
+        root = Path(self.root).expanduser()
+        nested = root / self.base_folder
+        if not nested.is_dir() and all((root / f).is_file() for f in self.expected_files):
+            return root
+        return nested
+
+    def _missing_files(self) -> list[str]:
+        folder = self._folder()
+        return [f for f in self.expected_files if not (folder / f).is_file()]
+
+    def _torchvision_class(self) -> Any:
+        # Looked up at call time so that tests can monkeypatch torchvision.datasets.
+        return getattr(torchvision.datasets, self.torchvision_name)
+
+    def _published_md5s(self) -> dict[str, str]:
+        tv = self._torchvision_class()
+        md5s = {name: md5 for name, md5 in [*tv.train_list, *tv.test_list]}
+        md5s[tv.meta["filename"]] = tv.meta["md5"]
+        return md5s
+
+    def verify_checksums(self) -> None:
+        """Compare every file's md5 with torchvision's published value.
+
+        Raises:
+            DatasetChecksumError: naming the first file whose md5 differs.
+        """
+        folder = self._folder()
+        for filename, expected in self._published_md5s().items():
+            actual = _md5(folder / filename)
+            if actual != expected:
+                raise DatasetChecksumError(
+                    f"{self.name} file {folder / filename} is corrupted or not the official release: "
+                    f"md5 {actual}, expected {expected}. Delete {folder} and pass "
+                    "--data.init_args.download true (needs internet), or set "
+                    "--data.init_args.checksum false to skip the check (e.g. for test data)."
+                )
+
+    def prepare_data(self) -> None:
+        """Extract a local archive or, with ``download=True``, download the release when missing.
+
+        Runs on one process per node. Never touches the network unless ``download=True``.
+        """
+        if not self._missing_files():
+            return
+        root = Path(self.root).expanduser()
+        archive = root / self._torchvision_class().filename
+        if archive.is_file():
+            extract_archive(str(archive), str(root))
+            if not self._missing_files():
+                return
+        if self.download:
+            self._torchvision_class()(str(root), train=True, download=True)
+
+    # ----------------------------------------------------------------------------- transforms
+    def train_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Transform of training images (``uint8 [3, 32, 32]`` in, normalised float out)."""
+        if not self.augment:
+            return self.eval_transform()
+        return Compose([RandomTranslate(padding=4), RandomHorizontalFlip(), ToFloatNormalize(self.mean, self.std)])
+
+    def eval_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Transform of validation and test images: ``Normalize`` only."""
+        return ToFloatNormalize(self.mean, self.std)
+
+    # ----------------------------------------------------------------------------- setup
+    def _load(self, files: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        folder = self._folder()
+        return load_cifar_batches([folder / f for f in files], self.label_key)
+
+    def _check_ready(self) -> None:
+        missing = self._missing_files()
+        if missing:
+            archive = self._torchvision_class().filename
+            raise DatasetNotFoundError(
+                self.name,
+                self.root,
+                [f"{self.base_folder}/{f}" for f in self.expected_files],
+                f"Missing: {', '.join(missing)}. Pass --data.init_args.download true (needs internet) "
+                f"or set --data.init_args.root to the folder that holds {self.base_folder}/ "
+                f"(or the archive {archive}).",
+            )
+        if self.checksum:
+            self.verify_checksums()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the splits into memory (once) and build the datasets.
+
+        Raises:
+            DatasetNotFoundError: if a file of the release is missing.
+            DatasetChecksumError: with ``checksum=True``, if a file differs from the release.
+        """
+        if self.train_set is not None and self.test_set is not None:
+            return
+        self._check_ready()
+        meta = _load_pickle(self._folder() / self.meta_file)
+        self.classes = [
+            c.decode("latin1") if isinstance(c, bytes) else str(c) for c in meta.get(self.label_names_key, [])
+        ]
+
+        test_images, test_targets = self._load(self.test_files)
+        self.test_set = TensorImageDataset(test_images, test_targets, self.eval_transform())
+
+        images, targets = self._load(self.train_files)
+        if self.val_split > 0:
+            kept, held = stratified_split(targets, self.val_split, self.split_seed)
+            self.val_set = TensorImageDataset(images[held], targets[held], self.eval_transform())
+            images, targets = images[kept], targets[kept]
+        else:
+            self.val_set = self.test_set
+        self.train_set = TensorImageDataset(images, targets, self.train_transform(), return_index=self.return_index)
+
+
+class CIFAR10DataModule(_CIFARDataModule):
+    __doc__ = f"""CIFAR-10 (10 classes, 50,000 train / 10,000 test images of 32x32).
+
+    Reads ``root/cifar-10-batches-py/{{data_batch_1..5, test_batch, batches.meta}}`` (targets:
+    ``labels``). Normalisation uses the usual CIFAR-10 mean/std.
+
+{_ARGS_DOC}
+    Example:
+        >>> dm = CIFAR10DataModule(root="data", download=True)  # doctest: +SKIP
+        >>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
+        >>> images, targets = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+    """
+
+    name = "CIFAR-10"
+    base_folder = "cifar-10-batches-py"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    meta_file = "batches.meta"
+    label_key = "labels"
+    label_names_key = "label_names"
+    torchvision_name = "CIFAR10"
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    num_classes = 10
+
+
+class CIFAR100DataModule(_CIFARDataModule):
+    __doc__ = f"""CIFAR-100 (100 fine classes, 50,000 train / 10,000 test images of 32x32).
+
+    Reads ``root/cifar-100-python/{{train, test, meta}}`` (targets: ``fine_labels``).
+    Mean/std are those of the CIFAR-100 KD benchmark recipe (RepDistiller, mdistiller):
+    ``(0.5071, 0.4867, 0.4408)`` / ``(0.2675, 0.2565, 0.2761)``.
+
+{_ARGS_DOC}
+    Example:
+        >>> dm = CIFAR100DataModule(root="data", download=True)  # doctest: +SKIP
+        >>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
+        >>> images, targets = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+    """
+
+    name = "CIFAR-100"
+    base_folder = "cifar-100-python"
+    train_files = ("train",)
+    test_files = ("test",)
+    meta_file = "meta"
+    label_key = "fine_labels"
+    label_names_key = "fine_label_names"
+    torchvision_name = "CIFAR100"
+    mean = (0.5071, 0.4867, 0.4408)
+    std = (0.2675, 0.2565, 0.2761)
+    num_classes = 100

@@ -1,0 +1,35 @@
+"""Input checks shared by the losses: clear messages instead of shape errors from deep inside torch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_logits(student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor | None = None) -> None:
+    """Check that logits are ``[..., C]`` with equal shapes and that ``target`` indexes classes.
+
+    Raises:
+        ValueError: naming the tensors, their shapes and the usual cause.
+    """
+    if student_logits.dim() < 2:
+        raise ValueError(f"student_logits must have shape [batch, num_classes], got {tuple(student_logits.shape)}.")
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        s_classes, t_classes = student_logits.shape[-1], teacher_logits.shape[-1]
+        hint = (
+            f"the student predicts {s_classes} classes and the teacher {t_classes}: both must be built "
+            "with the dataset's num_classes"
+            if s_classes != t_classes
+            else "the batch shapes differ"
+        )
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} do not match: {hint}."
+        )
+    if target is not None:
+        if target.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"target must have shape {tuple(student_logits.shape[:-1])} (class indices), got {tuple(target.shape)}."
+            )
+        if target.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError("target must hold integer class indices, not probabilities.")

@@ -1,0 +1,382 @@
+"""Base LightningModules: :class:`ClassificationModule` and :class:`DistillationModule`.
+
+``ClassificationModule`` owns what every image/signal classifier run needs: optimiser and
+scheduler from callables (LightningCLI's ``OptimizerCallable``/``LRSchedulerCallable``), top-1/top-5
+metrics synced across DDP ranks, the class-count checks, throughput logging and
+:meth:`~ClassificationModule.export_student`. ``DistillationModule`` adds the teacher: loaded from
+``teacher_ckpt``, frozen (``requires_grad_(False)``), kept in eval mode for the whole run (``train()``
+is overridden) and run under ``torch.no_grad()``; validation also measures teacher accuracy and
+student-teacher fidelity (top-1 agreement and KL(p_T ‖ p_S)).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from abc import abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.callbacks.throughput import SamplesPerSecond
+from kd_lightning.errors import KDConfigError
+from kd_lightning.teachers import load_weights
+
+try:  # set by LightningCLI while it instantiates the model: the config dicts of every argument
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older/newer Lightning
+    _given_hyperparameters = None
+
+# A frozen teacher is in eval mode on purpose; Lightning's generic warning about it is noise here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+__all__ = ["ClassificationModule", "DistillationModule"]
+
+
+def _describe(module: nn.Module | None) -> str:
+    return type(module).__name__ if module is not None else "None"
+
+
+class ClassificationModule(L.LightningModule):
+    """Shared base of every kd-lightning method: trains one network (:attr:`network`) to classify.
+
+    Args:
+        optimizer: called with the trainable parameters; e.g. ``torch.optim.SGD`` with its
+            arguments in the config. Defaults to ``torch.optim.Adam`` (lr 1e-3).
+        lr_scheduler: called with the optimiser; ``None`` keeps the learning rate constant.
+        lr_scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        num_classes: classes of the task. ``None`` takes the data module's ``num_classes``.
+        top_k: the second accuracy reported (``val/acc_top5`` for the default 5).
+
+    Batches are ``(inputs, targets, *extras)``; ``forward`` is the trained network's forward.
+    """
+
+    #: Arguments holding objects (networks, callables) that ``save_hyperparameters`` skips outside
+    #: the CLI; under LightningCLI they are stored as their config and rebuilt on load.
+    _object_arguments: tuple[str, ...] = ("model", "student", "teacher", "optimizer", "lr_scheduler")
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        num_classes: int | None = None,
+        top_k: int = 5,
+    ) -> None:
+        super().__init__()
+        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
+        # Under LightningCLI networks and optimiser are stored as their config (class_path +
+        # init_args), so ``Method.load_from_checkpoint(path)`` rebuilds them. In plain Python they
+        # are not pickled into the checkpoint: pass the networks again to ``load_from_checkpoint``.
+        self.save_hyperparameters(ignore=[] if given is not None else list(self._object_arguments))
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.num_classes = num_classes
+        self.top_k = top_k
+        self.metrics = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ networks
+    @property
+    @abstractmethod
+    def network(self) -> nn.Module:
+        """The network being trained (the student, or the model of a supervised run)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates: every parameter that requires a gradient."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def networks_to_check(self) -> dict[str, nn.Module]:
+        """Networks whose output class count must equal ``num_classes``, by config field."""
+        return {"network": self.network}
+
+    # ------------------------------------------------------------------ setup and checks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        data_name = type(datamodule).__name__
+        if self.num_classes is None:
+            self.num_classes = data_classes
+        elif data_classes is not None and data_classes != self.num_classes:
+            raise KDConfigError(
+                f"model.init_args.num_classes={self.num_classes} but {data_name} has {data_classes} "
+                f"classes: set num_classes to {data_classes} (or leave it empty to take the data's)."
+            )
+        if self.num_classes is None:
+            raise KDConfigError(
+                f"{type(self).__name__}: num_classes is unknown. Pass num_classes=... or use a data "
+                "module with a num_classes attribute."
+            )
+        input_shape = getattr(datamodule, "input_shape", None)
+        if input_shape is not None:
+            self.check_networks(tuple(input_shape), data_name)
+        if not self.metrics:
+            self._build_metrics()
+
+    def check_networks(self, input_shape: tuple[int, ...], data_name: str = "the data") -> None:
+        """Run each network once on zeros of ``input_shape`` and check its class count.
+
+        Raises:
+            KDConfigError: naming the config field, the network class and the fix.
+        """
+        probe = torch.zeros(2, *input_shape, device=self.device)
+        for field, module in self.networks_to_check().items():
+            was_training = module.training
+            module.eval()
+            try:
+                with torch.no_grad():
+                    out = module(probe)
+            except Exception as err:
+                raise KDConfigError(
+                    f"model.init_args.{field} ({_describe(module)}) fails on an input of shape "
+                    f"{tuple(probe.shape)} from {data_name}: {type(err).__name__}: {err}. Does its input "
+                    "size/channels match the data?"
+                ) from None
+            finally:
+                module.train(was_training)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[-1] != self.num_classes:
+                got = out.shape[-1] if isinstance(out, Tensor) and out.dim() >= 2 else "no"
+                raise KDConfigError(
+                    f"model.init_args.{field} ({_describe(module)}) outputs {got} classes but "
+                    f"{data_name} has {self.num_classes}: build it with num_classes={self.num_classes}."
+                )
+
+    def _build_metrics(self) -> None:
+        n, k = int(self.num_classes), min(self.top_k, int(self.num_classes))
+        for stage in ("train", "val", "test"):
+            self.metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes=n, top_k=1, average="micro")
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_acc_top{self.top_k}"] = MulticlassAccuracy(num_classes=n, top_k=k, average="micro")
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def unpack(batch: Any) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of a batch ``(x, y, *extras)``."""
+        if isinstance(batch, Mapping):
+            return batch["input"], batch["target"]
+        return batch[0], batch[1]
+
+    @abstractmethod
+    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        """Compute ``({"loss": total, **named_parts}, logits_of_the_trained_network)``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        parts, logits = self.training_loss(batch)
+        _, y = self.unpack(batch)
+        self.log_parts("train", parts, batch_size=y.shape[0])
+        self.metrics["train_acc"](logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
+        return parts["loss"]
+
+    def log_parts(self, stage: str, parts: Mapping[str, Tensor], batch_size: int) -> None:
+        for name, value in parts.items():
+            self.log(
+                f"{stage}/{name}",
+                value.detach(),
+                on_step=stage == "train",
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=batch_size,
+                sync_dist=stage != "train",
+            )
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y = self.unpack(batch)
+        logits = self(x)
+        flat, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        batch_size = flat_y.shape[0]
+        loss = F.cross_entropy(flat.float(), flat_y)
+        self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True)
+        for name in (f"{stage}_acc", f"{stage}_acc_top{self.top_k}"):
+            self.metrics[name](flat, flat_y)
+            self.log(name.replace("_", "/", 1), self.metrics[name], batch_size=batch_size, prog_bar=True)
+        self.eval_extra(x, y, logits, stage)
+
+    def eval_extra(self, x: Tensor, y: Tensor, logits: Tensor, stage: str) -> None:
+        """Hook for extra validation/test metrics (the teacher's, in distillation)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, _ = self.unpack(batch) if isinstance(batch, (tuple, list, Mapping)) else (batch, None)
+        return self(x)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise KDConfigError(f"{type(self).__name__} has no trainable parameters.")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [SamplesPerSecond()]
+
+    # ------------------------------------------------------------------ export
+    def export_student(self, path: str | Path) -> Path:
+        """Write the trained network alone: ``{"state_dict", "architecture"}`` via ``torch.save``.
+
+        Loadable without kd-lightning: ``torch.load(path, weights_only=True)["state_dict"]``.
+        ``architecture`` is the network's config as JSON (class path and arguments) when known.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arch = self.hparams.get("student", self.hparams.get("model"))
+        payload = {
+            "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "architecture": json.dumps(arch if isinstance(arch, (dict, type(None))) else str(arch)),
+            "class_name": type(self.network).__name__,
+            "num_classes": self.num_classes,
+        }
+        torch.save(payload, path)
+        return path
+
+
+class DistillationModule(ClassificationModule):
+    """Base of every distillation method: a student learns from a frozen teacher.
+
+    Args:
+        student: the network to train (its ``forward`` returns logits).
+        teacher: the network to learn from (its ``forward`` returns logits).
+        teacher_ckpt: weights for the teacher: a Lightning checkpoint of a supervised run, a
+            checkpoint with a ``"model"``/``"state_dict"`` entry or a plain state dict. ``None``
+            uses the teacher as given (e.g. a pretrained model); the ``kd fit`` CLI instead trains
+            the teacher first and caches it. A path that does not exist is an error.
+        optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k: see
+            :class:`ClassificationModule`. Only the student (and the method's own trainable
+            parts) are optimised.
+        fidelity: also measure the teacher's accuracy, top-1 agreement and KL(p_T ‖ p_S) on the
+            validation and test data (one teacher forward per evaluation batch).
+
+    Subclasses set ``self.criterion`` (a loss called as ``criterion(student_logits, teacher_logits,
+    target)``) or override :meth:`distillation_loss`; methods that need more than logits override
+    :meth:`training_loss`. A method that trains its teacher sets ``trains_teacher = True``.
+    """
+
+    #: Whether the method updates the teacher (online KD); otherwise it is frozen and in eval mode.
+    trains_teacher: bool = False
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        teacher_ckpt: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        num_classes: int | None = None,
+        top_k: int = 5,
+        fidelity: bool = True,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k)
+        if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+            raise KDConfigError(
+                "model.init_args.student and model.init_args.teacher must be torch.nn.Module instances, "
+                f"got {type(student).__name__} and {type(teacher).__name__}."
+            )
+        self.student = student
+        self.teacher = teacher
+        self.teacher_ckpt = teacher_ckpt
+        self.fidelity = fidelity
+        if teacher_ckpt is not None:
+            self.load_teacher(teacher_ckpt)
+        if not self.trains_teacher:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+
+    @property
+    def network(self) -> nn.Module:
+        return self.student
+
+    def load_teacher(self, path: str | Path) -> None:
+        """Load teacher weights from ``path`` (see :func:`kd_lightning.teachers.load_weights`)."""
+        load_weights(self.teacher, path, field="model.init_args.teacher_ckpt")
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Set training mode for everything but a frozen teacher, which stays in eval mode."""
+        super().train(mode)
+        if not self.trains_teacher:
+            self.teacher.eval()
+        return self
+
+    def networks_to_check(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        teacher_ids = {id(p) for p in self.teacher.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in teacher_ids]
+
+    # ------------------------------------------------------------------ forward passes
+    def teacher_forward(self, x: Tensor) -> Tensor:
+        """Teacher logits for ``x`` without autograd (frozen teachers)."""
+        if self.trains_teacher:
+            return self.teacher(x)
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        x, y = self.unpack(batch)
+        student_logits = self.student(x)
+        teacher_logits = self.teacher_forward(x)
+        return self.distillation_loss(student_logits, teacher_logits, y), student_logits
+
+    def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """The method's loss, ``{"loss": total, **weighted_parts}``: by default ``self.criterion``."""
+        criterion = getattr(self, "criterion", None)
+        if criterion is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} sets no criterion and does not override distillation_loss."
+            )
+        return criterion(student_logits, teacher_logits, target)
+
+    # ------------------------------------------------------------------ evaluation
+    def _build_metrics(self) -> None:
+        super()._build_metrics()
+        if self.fidelity:
+            n = int(self.num_classes)
+            for stage in ("val", "test"):
+                self.metrics[f"{stage}_teacher_acc"] = MulticlassAccuracy(num_classes=n, top_k=1, average="micro")
+                self.metrics[f"{stage}_agreement"] = MeanMetric()
+                self.metrics[f"{stage}_kl_to_teacher"] = MeanMetric()
+
+    def eval_extra(self, x: Tensor, y: Tensor, logits: Tensor, stage: str) -> None:
+        if not self.fidelity:
+            return
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        s = logits.reshape(-1, logits.shape[-1]).float()
+        t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
+        flat_y = y.reshape(-1)
+        log_p_t, log_p_s = F.log_softmax(t, -1), F.log_softmax(s, -1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+        agree = (s.argmax(-1) == t.argmax(-1)).float()
+        updates = {"teacher_acc": (t, flat_y), "agreement": (agree,), "kl_to_teacher": (kl,)}
+        for name, args in updates.items():
+            metric = self.metrics[f"{stage}_{name}"]
+            metric.update(*args)
+            self.log(f"{stage}/{name}", metric, batch_size=flat_y.shape[0])

@@ -1,0 +1,56 @@
+"""Supervised training: teachers and student-alone baselines."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.methods.base import ClassificationModule, LRSchedulerCallable, OptimizerCallable
+
+
+class Supervised(ClassificationModule):
+    """Cross-entropy training of one network, with optional label smoothing.
+
+    ``L = CE(z, y)`` with targets ``(1 − ε)·onehot(y) + ε/C`` when ``label_smoothing = ε > 0``.
+    Used by ``kd fit`` to train missing teachers and for the student-alone baseline.
+
+    Args:
+        model: the network to train (``forward`` returns logits).
+        label_smoothing: ε in [0, 1).
+        optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k: see
+            :class:`~kd_lightning.methods.base.ClassificationModule`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        num_classes: int | None = None,
+        top_k: int = 5,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.init_args.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model
+
+    def networks_to_check(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        x, y = self.unpack(batch)
+        logits = self.model(x)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), label_smoothing=self.label_smoothing
+        )
+        return {"loss": ce, "ce": ce}, logits

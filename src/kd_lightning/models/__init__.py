@@ -1,0 +1,83 @@
+"""Model zoo (pure torch): the RepDistiller/mdistiller CIFAR models, small digits models, timm/torchvision
+wrappers and feature taps. Every model is a class whose ``forward(x)`` returns logits only.
+
+timm and torchvision are imported only when a wrapper is built, so this package imports without timm.
+"""
+
+from __future__ import annotations
+
+from .cifar import (
+    CIFAR_MODELS,
+    VGG,
+    VGG8,
+    VGG11,
+    VGG13,
+    VGG16,
+    VGG19,
+    WRN16_1,
+    WRN16_2,
+    WRN40_1,
+    WRN40_2,
+    CifarModel,
+    CIFARResNet,
+    CIFARResNet18,
+    CIFARResNet34,
+    CIFARResNet50,
+    MobileNetV2,
+    ResNet,
+    ResNet8,
+    ResNet8x4,
+    ResNet14,
+    ResNet20,
+    ResNet32,
+    ResNet32x4,
+    ResNet44,
+    ResNet56,
+    ResNet110,
+    ShuffleNetV1,
+    ShuffleNetV2,
+    WideResNet,
+)
+from .small import MLP, SmallCNN
+from .taps import FeatureTaps, UnknownModuleError, module_names
+from .wrappers import TimmModel, TorchvisionModel
+
+__all__ = [
+    "CIFAR_MODELS",
+    "MLP",
+    "VGG",
+    "VGG8",
+    "VGG11",
+    "VGG13",
+    "VGG16",
+    "VGG19",
+    "WRN16_1",
+    "WRN16_2",
+    "WRN40_1",
+    "WRN40_2",
+    "CIFARResNet",
+    "CIFARResNet18",
+    "CIFARResNet34",
+    "CIFARResNet50",
+    "CifarModel",
+    "FeatureTaps",
+    "MobileNetV2",
+    "ResNet",
+    "ResNet8",
+    "ResNet8x4",
+    "ResNet14",
+    "ResNet20",
+    "ResNet32",
+    "ResNet32x4",
+    "ResNet44",
+    "ResNet56",
+    "ResNet110",
+    "ShuffleNetV1",
+    "ShuffleNetV2",
+    "SmallCNN",
+    "TimmModel",
+    "TorchvisionModel",
+    "UnknownModuleError",
+    "WideResNet",
+    "module_names",
+]

@@ -1,0 +1,26 @@
+"""Test-session settings: offline, headless, no stray command-line arguments reaching LightningCLI."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightningCLI(args=...) warns when sys.argv also holds arguments (pytest's own)."""
+    monkeypatch.setattr(sys, "argv", ["kd"])
+
+
+@pytest.fixture(autouse=True)
+def _hub_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Nothing may be fetched into the user's hub cache during tests."""
+    import torch
+
+    torch.hub.set_dir(str(tmp_path_factory.getbasetemp() / "hub"))
