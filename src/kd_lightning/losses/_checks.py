@@ -33,3 +33,9 @@ def check_logits(student_logits: Tensor, teacher_logits: Tensor | None, target: 
             )
         if target.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError("target must hold integer class indices, not probabilities.")
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``temperature > 0``."""
+    if not temperature > 0:
+        raise ValueError(f"{name} must be > 0, got {temperature}.")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.losses._checks import check_logits
+from kd_lightning.losses._checks import check_logits, check_temperature
 
 __all__ = [
     "DKDLoss",
@@ -44,8 +44,7 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     ``τ² · (1/B) Σ_i KL(softmax(z_T,i/τ) ‖ softmax(z_S,i/τ))`` — summed over classes, averaged
     over the batch ("batchmean"), scaled by τ² so gradients keep their size across temperatures.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     s = _flat(student_logits) / temperature
     t = _flat(teacher_logits).detach() / temperature
     log_p_s = F.log_softmax(s, dim=-1)
@@ -118,8 +117,7 @@ def pld_loss(
     ascending with the label forced last, then a ``logcumsumexp`` gives every suffix at once.
     """
     check_logits(student_logits, teacher_logits, target)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     s = _flat(student_logits)
     t = _flat(teacher_logits).detach()
     y = target.reshape(-1, 1)
@@ -149,8 +147,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        check_temperature(temperature)
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
@@ -180,8 +177,7 @@ class DKDLoss(nn.Module):
         standardize: bool = False,
     ) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        check_temperature(temperature)
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
@@ -211,8 +207,7 @@ class LogitStandardKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 2.0, ce_weight: float = 0.1, kd_weight: float = 9.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        check_temperature(temperature)
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
@@ -235,8 +230,7 @@ class PLDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, weighting: Literal["teacher", "uniform"] = "teacher") -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        check_temperature(temperature)
         if weighting not in ("teacher", "uniform"):
             raise ValueError(f"weighting must be 'teacher' or 'uniform', got {weighting!r}.")
         self.temperature = temperature

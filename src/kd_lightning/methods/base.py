@@ -267,11 +267,11 @@ class DistillationModule(ClassificationModule):
             checkpoint with a ``"model"``/``"state_dict"`` entry or a plain state dict. ``None``
             uses the teacher as given (e.g. a pretrained model); the ``kd fit`` CLI instead trains
             the teacher first and caches it. A path that does not exist is an error.
-        optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k: see
-            :class:`ClassificationModule`. Only the student (and the method's own trainable
-            parts) are optimised.
         fidelity: also measure the teacher's accuracy, top-1 agreement and KL(p_T ‖ p_S) on the
             validation and test data (one teacher forward per evaluation batch).
+        **kwargs: ``optimizer``, ``lr_scheduler``, ``lr_scheduler_interval``, ``num_classes``,
+            ``top_k`` of :class:`ClassificationModule`. Only the student (and the method's own
+            trainable parts) are optimised.
 
     Subclasses set ``self.criterion`` (a loss called as ``criterion(student_logits, teacher_logits,
     target)``) or override :meth:`distillation_loss`; methods that need more than logits override
@@ -286,14 +286,10 @@ class DistillationModule(ClassificationModule):
         student: nn.Module,
         teacher: nn.Module,
         teacher_ckpt: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        num_classes: int | None = None,
-        top_k: int = 5,
         fidelity: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k)
+        super().__init__(**kwargs)
         if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
             raise KDConfigError(
                 "model.init_args.student and model.init_args.teacher must be torch.nn.Module instances, "

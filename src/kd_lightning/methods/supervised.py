@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.methods.base import ClassificationModule, LRSchedulerCallable, OptimizerCallable
+from kd_lightning.methods.base import ClassificationModule
 
 
 class Supervised(ClassificationModule):
@@ -20,21 +19,12 @@ class Supervised(ClassificationModule):
     Args:
         model: the network to train (``forward`` returns logits).
         label_smoothing: ε in [0, 1).
-        optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k: see
+        **kwargs: ``optimizer``, ``lr_scheduler``, ``num_classes`` and the other arguments of
             :class:`~kd_lightning.methods.base.ClassificationModule`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        label_smoothing: float = 0.0,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        num_classes: int | None = None,
-        top_k: int = 5,
-    ) -> None:
-        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, num_classes, top_k)
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.init_args.label_smoothing must be in [0, 1), got {label_smoothing}.")
         self.model = model
