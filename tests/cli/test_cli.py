@@ -234,3 +234,12 @@ def test_ddp_two_processes_on_cpu(in_tmp: Path) -> None:
     assert result.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1" in output or "MEMBER: 2/2" in output
     assert output.count("kd: fit finished") == 1  # the summary prints on rank 0 only
+
+
+def test_teacher_training_disabled_uses_teacher_as_constructed(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = fit(["--config", QUICKSTART, *TINY_DIGITS, "--teacher_training.enabled=false"])
+    assert "the teacher is used as constructed" in capsys.readouterr().out
+    assert cli.model.teacher_ckpt is None
+    assert not (in_tmp / "runs" / "teachers").exists()

@@ -179,7 +179,7 @@ class ClassificationModule(L.LightningModule):
         parts, logits = self.training_loss(batch)
         _, y = self.unpack(batch)
         self.log_parts("train", parts, batch_size=y.shape[0])
-        self.metrics["train_acc"](logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.metrics["train_acc"].update(logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1))
         self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return parts["loss"]
 
@@ -203,7 +203,7 @@ class ClassificationModule(L.LightningModule):
         loss = F.cross_entropy(flat.float(), flat_y)
         self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True)
         for name in (f"{stage}_acc", f"{stage}_acc_top{self.top_k}"):
-            self.metrics[name](flat, flat_y)
+            self.metrics[name].update(flat, flat_y)
             self.log(name.replace("_", "/", 1), self.metrics[name], batch_size=batch_size, prog_bar=True)
         self.eval_extra(x, y, logits, stage)
 
