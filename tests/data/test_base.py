@@ -154,3 +154,23 @@ def test_flip_normalize_compose() -> None:
     pipeline = Compose([RandomHorizontalFlip(p=1.0), ToFloatNormalize(0.0, 1.0)])
     assert torch.equal(pipeline(x), x.flip(-1))
     assert "RandomHorizontalFlip" in repr(pipeline)
+
+
+# ------------------------------------------------------------------ hold_out
+def test_hold_out_is_stratified_disjoint_and_stable() -> None:
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.data.base import targets_of
+
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    n_train = len(dm.train_set)
+    full_targets = targets_of(dm.train_set)
+    held = dm.hold_out(0.1)
+    assert len(held) + len(dm.train_set) == n_train
+    assert set(held.indices).isdisjoint(dm.train_set.indices)
+    held_counts = torch.bincount(targets_of(held), minlength=10)
+    full_counts = torch.bincount(full_targets, minlength=10)
+    assert torch.all((held_counts - 0.1 * full_counts).abs() <= 1)
+    assert dm.hold_out(0.1) is held  # idempotent
+    with pytest.raises(ValueError, match="fraction must be in"):
+        dm.hold_out(1.0)

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 
 class KDDataModule(L.LightningDataModule):
@@ -69,6 +69,31 @@ class KDDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._held_out: tuple[Dataset, Dataset, float] | None = None  # (kept train part, held-out, fraction)
+
+    def hold_out(self, fraction: float, seed: int | None = None) -> Dataset:
+        """Carve a stratified part of the training set out of it and return that part.
+
+        For methods that learn something on data the student does not train on (TGeo-KD's
+        fusion-ratio network, self-distillation's α). ``train_set`` shrinks to the rest; calling
+        again with the same fraction returns the same part. Uses the training transforms.
+
+        Args:
+            fraction: share of each class to hold out, in ``(0, 1)``.
+            seed: seed of the split; defaults to ``split_seed + 1`` (independent of ``val_split``).
+        """
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.hold_out() needs setup('fit') to have run.")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"hold-out fraction must be in (0, 1), got {fraction}.")
+        if self._held_out is not None and self.train_set is self._held_out[0] and self._held_out[2] == fraction:
+            return self._held_out[1]
+        source = self.train_set
+        kept, held = stratified_split(targets_of(source), fraction, self.split_seed + 1 if seed is None else seed)
+        self.train_set = Subset(source, kept.tolist())
+        held_out = Subset(source, held.tolist())
+        self._held_out = (self.train_set, held_out, fraction)
+        return held_out
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None:
@@ -94,6 +119,17 @@ class KDDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", train=False)
+
+
+def targets_of(dataset: Dataset) -> torch.Tensor:
+    """Class index of every item of ``dataset`` (``targets`` attribute, Subset, TensorDataset, or a scan)."""
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets, dtype=torch.long)
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].long()
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)  # type: ignore[arg-type]
 
 
 def stratified_split(

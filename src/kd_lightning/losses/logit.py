@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.losses._checks import check_logits, check_temperature
+from kd_lightning.losses._common import check_logits, check_temperature, upcast
+from kd_lightning.losses.divergences import forward_kl
 
 __all__ = [
     "DKDLoss",
@@ -29,13 +30,8 @@ __all__ = [
 ]
 
 
-def _upcast(x: Tensor) -> Tensor:
-    """float16/bfloat16 to float32 (softmax and KL are computed in at least single precision)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def _flat(logits: Tensor) -> Tensor:
-    return _upcast(logits.reshape(-1, logits.shape[-1]))
+    return upcast(logits.reshape(-1, logits.shape[-1]))
 
 
 def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -44,13 +40,7 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     ``τ² · (1/B) Σ_i KL(softmax(z_T,i/τ) ‖ softmax(z_S,i/τ))`` — summed over classes, averaged
     over the batch ("batchmean"), scaled by τ² so gradients keep their size across temperatures.
     """
-    check_temperature(temperature)
-    s = _flat(student_logits) / temperature
-    t = _flat(teacher_logits).detach() / temperature
-    log_p_s = F.log_softmax(s, dim=-1)
-    log_p_t = F.log_softmax(t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return kl.mean() * temperature**2
+    return forward_kl(student_logits, teacher_logits.detach(), temperature) * temperature**2
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
@@ -59,7 +49,7 @@ def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
     ``Z(z) = (z − mean(z)) / (std(z) + eps)`` with the unbiased std, as in the official code.
     Gradients flow through the mean and the std.
     """
-    logits = _upcast(logits)
+    logits = upcast(logits)
     mean = logits.mean(dim=-1, keepdim=True)
     std = logits.std(dim=-1, keepdim=True, unbiased=True)
     return (logits - mean) / (std + eps)

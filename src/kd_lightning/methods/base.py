@@ -29,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.callbacks.throughput import SamplesPerSecond
 from kd_lightning.errors import KDConfigError
+from kd_lightning.losses.divergences import forward_kl
 from kd_lightning.teachers import load_weights
 
 try:  # set by LightningCLI while it instantiates the model: the config dicts of every argument
@@ -368,8 +369,7 @@ class DistillationModule(ClassificationModule):
         s = logits.reshape(-1, logits.shape[-1]).float()
         t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
         flat_y = y.reshape(-1)
-        log_p_t, log_p_s = F.log_softmax(t, -1), F.log_softmax(s, -1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+        kl = forward_kl(s, t, reduction="none")
         agree = (s.argmax(-1) == t.argmax(-1)).float()
         updates = {"teacher_acc": (t, flat_y), "agreement": (agree,), "kl_to_teacher": (kl,)}
         for name, args in updates.items():

@@ -1,4 +1,4 @@
-"""Input checks shared by the losses: clear messages instead of shape errors from deep inside torch."""
+"""Helpers shared by the losses: input checks with clear messages, and the float32 upcast."""
 
 from __future__ import annotations
 
@@ -39,3 +39,8 @@ def check_temperature(temperature: float, name: str = "temperature") -> None:
     """Raise ``ValueError`` naming ``name`` unless ``temperature > 0``."""
     if not temperature > 0:
         raise ValueError(f"{name} must be > 0, got {temperature}.")
+
+
+def upcast(x: Tensor) -> Tensor:
+    """float16/bfloat16 to float32: softmax, logs and KL are computed in at least single precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
