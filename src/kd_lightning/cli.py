@@ -14,6 +14,7 @@ the stock LightningCLI semantics: ``--print_config``, dotted overrides, ``--trai
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -182,8 +183,21 @@ def run(args: list[str] | None = None) -> KDCLI:
     return KDCLI(args=args)
 
 
+#: Commands beyond LightningCLI's: ``kd <name> ...`` runs ``module:function(argv)``.
+EXTRA_COMMANDS = {
+    "generations": ("kd_lightning.generations", "main"),
+}
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``kd``: ``kd {fit,validate,test,predict} --config ...``."""
+    """Entry point of ``kd``: ``kd {fit,validate,test,predict} --config ...``, plus ``EXTRA_COMMANDS``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module_name, function = EXTRA_COMMANDS[argv[0]]
+        getattr(importlib.import_module(module_name), function)(argv[1:])
+        return
+    if argv and argv[0] in ("-h", "--help"):
+        print("Extra commands: " + ", ".join(f"kd {name} --help" for name in EXTRA_COMMANDS) + "\n")
     try:
         KDCLI(args=args)
     except USER_ERRORS as err:

@@ -173,15 +173,21 @@ class ClassificationModule(L.LightningModule):
         return batch[0], batch[1]
 
     @abstractmethod
-    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
-        """Compute ``({"loss": total, **named_parts}, logits_of_the_trained_network)``."""
+    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor | None] | tuple[Any, ...]:
+        """Compute ``({"loss": total, **named_parts}, logits)`` for a training batch.
+
+        ``logits`` are the trained network's, scored against the batch's targets for
+        ``train/acc``. A method whose logits do not match the batch's targets (mixup, for instance)
+        returns ``(parts, logits, targets)`` with the targets to score against, or ``(parts, None)``.
+        """
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        parts, logits = self.training_loss(batch)
-        _, y = self.unpack(batch)
+        parts, logits, *targets = self.training_loss(batch)
+        y = targets[0] if targets else self.unpack(batch)[1]
         self.log_parts("train", parts, batch_size=y.shape[0])
-        self.metrics["train_acc"].update(logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
+        if logits is not None:
+            self.metrics["train_acc"].update(logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return parts["loss"]
 
     def log_parts(self, stage: str, parts: Mapping[str, Tensor], batch_size: int) -> None:
