@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -24,3 +25,10 @@ def _hub_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     import torch
 
     torch.hub.set_dir(str(tmp_path_factory.getbasetemp() / "hub"))
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run from an empty folder: configs write runs/ relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -13,28 +13,11 @@ from kd_lightning.cli import main, run
 from kd_lightning.methods import DistillationModule, VanillaKD
 from kd_lightning.models import ResNet32x4
 from tests.data_generators import write_fake_cifar100
+from tests.helpers.cli import CONFIGS_DIR, REPO, TINY, TINY_DIGITS, fit
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
+QUICKSTART = str(CONFIGS_DIR / "quickstart.yaml")
 CIFAR_CONFIGS = [p for p in CONFIGS if p.name.startswith("cifar100_")]
-
-#: Overrides that turn any config into a seconds-long run on tiny data.
-TINY = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
-TINY_DIGITS = [*TINY, "--teacher_training.max_epochs=1", "--test_after_fit=false"]
-
-
-@pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run from an empty folder: configs write runs/ relative to the working directory."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +33,6 @@ def random_resnet32x4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     torch.save({"model": ResNet32x4(num_classes=100).state_dict()}, path)  # RepDistiller's layout
     return path
-
-
-def fit(args: list[str]):
-    return run(["fit", *args])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,31 @@
+"""Shared pieces for tests that drive the `kd` CLI in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kd_lightning.cli import KDCLI, run
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS_DIR = REPO / "configs"
+
+#: Overrides that turn any config into a seconds-long run on tiny data.
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+#: TINY plus a one-epoch teacher and no test pass: for the digits configs.
+TINY_DIGITS = [*TINY, "--teacher_training.max_epochs=1", "--test_after_fit=false"]
+
+
+def fit(args: list[str]) -> KDCLI:
+    """``kd fit <args>`` in-process; exceptions propagate."""
+    return run(["fit", *args])
+
+
+def fit_config(name: str, *extra: str) -> KDCLI:
+    """A tiny ``kd fit`` of ``configs/<name>`` (a digits config: no files needed)."""
+    return fit(["--config", str(CONFIGS_DIR / name), *TINY_DIGITS, *extra])
