@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from kd_lightning.cli import KDCLI, run
@@ -26,6 +28,13 @@ def fit(args: list[str]) -> KDCLI:
     return run(["fit", *args])
 
 
+#: One teacher cache for the whole test process: the digits configs share their teacher, so it is
+#: trained once (one epoch) instead of once per test.
+SHARED_TEACHERS = Path(tempfile.gettempdir()) / f"kd-test-teachers-{os.getpid()}"
+
+
 def fit_config(name: str, *extra: str) -> KDCLI:
-    """A tiny ``kd fit`` of ``configs/<name>`` (a digits config: no files needed)."""
-    return fit(["--config", str(CONFIGS_DIR / name), *TINY_DIGITS, *extra])
+    """A tiny ``kd fit`` of ``configs/<name>`` (a digits config: no files needed), teacher cache shared."""
+    return fit(
+        ["--config", str(CONFIGS_DIR / name), *TINY_DIGITS, f"--teacher_training.cache_dir={SHARED_TEACHERS}", *extra]
+    )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -65,3 +69,18 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x))
+
+
+def tiny_trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
+    """A quiet one-epoch CPU Trainer writing nothing but under ``tmp_path``; ``kwargs`` override."""
+    defaults = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})

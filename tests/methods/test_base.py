@@ -11,21 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from kd_lightning.errors import KDConfigError, TeacherCheckpointError
 from kd_lightning.methods import DKD, PLD, LogitStandardKD, Supervised, VanillaKD
-from tests.helpers.tiny import BlobsDataModule, TinyNet
-
-
-def tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+from tests.helpers.tiny import BlobsDataModule, TinyNet, tiny_trainer
 
 
 class TeacherModeSpy(Callback):

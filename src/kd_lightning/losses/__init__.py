@@ -1,5 +1,8 @@
 """Distillation losses in plain torch: usable without Lightning or kd-lightning's Trainer.
 
+Loss modules are called as ``loss(student_logits, teacher_logits, target)`` and return
+``{"loss": total, **weighted_parts}``; functions return scalars (or per-item values).
+
 Example:
     >>> import torch
     >>> from kd_lightning.losses import KDLoss
@@ -8,6 +11,35 @@ Example:
     ['ce', 'kd', 'loss']
 """
 
+from kd_lightning.losses.adakd import (
+    AdaKDLoss,
+    adakd_difficulty,
+    idts_temperatures,
+    select_hardest,
+)
+from kd_lightning.losses.bd_kd import (
+    BDKDLoss,
+    bd_kd_weights,
+)
+from kd_lightning.losses.bild import (
+    BiLDLoss,
+    DBiLDLoss,
+    dynamic_k,
+    dynamic_logit_difference_kl,
+    logit_difference_kl,
+    pair_differences,
+)
+from kd_lightning.losses.divergences import (
+    entropy,
+    forward_kl,
+    kl_divergence,
+    mixed_kl,
+    reduce_items,
+    reverse_kl,
+)
+from kd_lightning.losses.kl_mixing import (
+    MixedKLLoss,
+)
 from kd_lightning.losses.logit import (
     DKDLoss,
     KDLoss,
@@ -18,14 +50,125 @@ from kd_lightning.losses.logit import (
     pld_loss,
     standardize_logits,
 )
+from kd_lightning.losses.mix_kd import (
+    MixKDLoss,
+    MixupPlan,
+    apply_mixup,
+    mix_targets,
+    mixstd_loss,
+    mixup_kd_loss,
+    partial_mixup,
+    sample_mixup,
+    soft_cross_entropy,
+    std_scale,
+)
+from kd_lightning.losses.self_distill import (
+    GTSelfDistillLoss,
+    kernel_ridge_self_distillation,
+    kernel_ridge_self_distillation_limit,
+    optimal_alpha,
+    parameter_norm_penalty,
+    rbf_kernel,
+    softmax_mse,
+)
+from kd_lightning.losses.swing import (
+    PrivacyScores,
+    SwingLoss,
+    noise_scale,
+    noisy_soft_targets,
+    sample_noise,
+    soft_target_kl,
+    swing_temperatures,
+)
+from kd_lightning.losses.taid import (
+    TAIDLoss,
+    pending_over_ranks,
+    taid_interpolated_logits,
+    taid_loss,
+)
+from kd_lightning.losses.tgeo_kd import (
+    FEATURE_VARIANTS,
+    ClassMeanAccumulator,
+    FusionRatioNet,
+    TGeoKDLoss,
+    fusion_feature_dim,
+    geometry_features,
+    tgeo_kd_terms,
+)
+from kd_lightning.losses.transport import (
+    SinKDLoss,
+    annealed_temperature,
+    l1_cost,
+    sinkhorn_distance,
+    sinkhorn_plan,
+)
 
 __all__ = [
+    "FEATURE_VARIANTS",
+    "AdaKDLoss",
+    "BDKDLoss",
+    "BiLDLoss",
+    "ClassMeanAccumulator",
+    "DBiLDLoss",
     "DKDLoss",
+    "FusionRatioNet",
+    "GTSelfDistillLoss",
     "KDLoss",
     "LogitStandardKDLoss",
+    "MixKDLoss",
+    "MixedKLLoss",
+    "MixupPlan",
     "PLDLoss",
+    "PrivacyScores",
+    "SinKDLoss",
+    "SwingLoss",
+    "TAIDLoss",
+    "TGeoKDLoss",
+    "adakd_difficulty",
+    "annealed_temperature",
+    "apply_mixup",
+    "bd_kd_weights",
     "dkd_terms",
+    "dynamic_k",
+    "dynamic_logit_difference_kl",
+    "entropy",
+    "forward_kl",
+    "fusion_feature_dim",
+    "geometry_features",
+    "idts_temperatures",
     "kd_kl_div",
+    "kernel_ridge_self_distillation",
+    "kernel_ridge_self_distillation_limit",
+    "kl_divergence",
+    "l1_cost",
+    "logit_difference_kl",
+    "mix_targets",
+    "mixed_kl",
+    "mixstd_loss",
+    "mixup_kd_loss",
+    "noise_scale",
+    "noisy_soft_targets",
+    "optimal_alpha",
+    "pair_differences",
+    "parameter_norm_penalty",
+    "partial_mixup",
+    "pending_over_ranks",
     "pld_loss",
+    "rbf_kernel",
+    "reduce_items",
+    "reverse_kl",
+    "sample_mixup",
+    "sample_noise",
+    "select_hardest",
+    "sinkhorn_distance",
+    "sinkhorn_plan",
+    "soft_cross_entropy",
+    "soft_target_kl",
+    "softmax_mse",
     "standardize_logits",
+    "std_scale",
+    "swing_temperatures",
+    "taid_interpolated_logits",
+    "taid_loss",
+    "tgeo_kd_terms",
 ]

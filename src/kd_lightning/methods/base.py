@@ -12,6 +12,7 @@ student-teacher fidelity (top-1 agreement and KL(p_T ‖ p_S)).
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Mapping
@@ -86,6 +87,7 @@ class ClassificationModule(L.LightningModule):
         self.num_classes = num_classes
         self.top_k = top_k
         self.metrics = nn.ModuleDict()
+        self._total_steps: float | None = None
 
     # ------------------------------------------------------------------ networks
     @property
@@ -163,6 +165,27 @@ class ClassificationModule(L.LightningModule):
             self.metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes=n, top_k=1, average="micro")
         for stage in ("val", "test"):
             self.metrics[f"{stage}_acc_top{self.top_k}"] = MulticlassAccuracy(num_classes=n, top_k=k, average="micro")
+
+    def on_fit_start(self) -> None:
+        self._total_steps = None  # recomputed for this fit by training_progress()
+
+    def training_progress(self) -> float:
+        """Fraction of training done: ``global_step / trainer.estimated_stepping_batches``, in [0, 1].
+
+        For schedules defined over the whole run (TAID's interpolation, AdaKD's warm-up).
+
+        Raises:
+            KDConfigError: when the run has no finite number of optimizer steps.
+        """
+        if self._total_steps is None:
+            total = float(self.trainer.estimated_stepping_batches)
+            if not math.isfinite(total) or total <= 0:
+                raise KDConfigError(
+                    f"{type(self).__name__} schedules over the whole run and needs its number of optimizer "
+                    f"steps: set trainer.max_epochs or trainer.max_steps (estimated_stepping_batches is {total})."
+                )
+            self._total_steps = total
+        return min(self.global_step / self._total_steps, 1.0)
 
     # ------------------------------------------------------------------ steps
     @staticmethod
@@ -368,10 +391,18 @@ class DistillationModule(ClassificationModule):
                 self.metrics[f"{stage}_kl_to_teacher"] = MeanMetric()
 
     def eval_extra(self, x: Tensor, y: Tensor, logits: Tensor, stage: str) -> None:
-        if not self.fidelity:
-            return
+        """Run the teacher once on the evaluation batch and hand both logits to :meth:`eval_with_teacher`."""
+        overridden = type(self).eval_with_teacher is not DistillationModule.eval_with_teacher
+        if not (self.fidelity or overridden):
+            return  # nothing to measure: skip the teacher forward
         with torch.no_grad():
             teacher_logits = self.teacher(x)
+        self.eval_with_teacher(y, logits, teacher_logits, stage)
+
+    def eval_with_teacher(self, y: Tensor, logits: Tensor, teacher_logits: Tensor, stage: str) -> None:
+        """Evaluation metrics that need the teacher (fidelity here); extend it and call ``super()``."""
+        if not self.fidelity:
+            return
         s = logits.reshape(-1, logits.shape[-1]).float()
         t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
         flat_y = y.reshape(-1)
