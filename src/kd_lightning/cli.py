@@ -186,6 +186,8 @@ def run(args: list[str] | None = None) -> KDCLI:
 #: Commands beyond LightningCLI's: ``kd <name> ...`` runs ``module:function(argv)``.
 EXTRA_COMMANDS = {
     "generations": ("kd_lightning.generations", "main"),
+    "radioml-synth": ("kd_lightning.data.radioml_synth", "main"),
+    "model-stats": ("kd_lightning.model_stats", "main"),
 }
 
 
