@@ -108,6 +108,7 @@ class KDCLI(LightningCLI):
         training_config = {
             k: v for k, v in _as_dict(config["teacher_training"]).items() if k not in ("cache_dir", "wait_seconds")
         }
+        data_config["identity"] = self.datamodule.data_identity() if hasattr(self.datamodule, "data_identity") else {}
         key = fingerprint({"teacher": teacher_config, "data": data_config, "training": training_config})
         trainer_config = config["trainer"]
         path, trained_now = settings.ensure(
@@ -157,7 +158,11 @@ class KDCLI(LightningCLI):
             lines.append(teacher_line)
             lines.append(f"  teacher checkpoint: {model.teacher_ckpt or 'as constructed'}")
         student_line = f"  {'student' if isinstance(model, DistillationModule) else 'model'} "
-        student_line += f"{type(model.network).__name__}: val acc {_pct(results.get('val/acc'))}"
+        student_line += f"{type(model.network).__name__}: "
+        if "val/acc" not in results and "val/loss" in results:  # e.g. MAE pre-training: no classifier to score
+            student_line += f"val loss {results['val/loss']:.4f}"
+        else:
+            student_line += f"val acc {_pct(results.get('val/acc'))}"
         if "test/acc" in results:
             student_line += f", test acc {_pct(results['test/acc'])}"
         if "val/agreement" in results:

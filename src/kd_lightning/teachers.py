@@ -31,7 +31,7 @@ def read_checkpoint(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _state_dict_of(checkpoint: Any) -> Mapping[str, Tensor]:
+def state_dict_of(checkpoint: Any) -> Mapping[str, Tensor]:
     if isinstance(checkpoint, nn.Module):
         return checkpoint.state_dict()
     if isinstance(checkpoint, Mapping):
@@ -101,7 +101,7 @@ def load_weights(module: nn.Module, path: str | Path, field: str = "teacher_ckpt
     path = Path(path).expanduser()
     check_checkpoint_exists(path, field)
     try:
-        state = match_state_dict(module, _state_dict_of(read_checkpoint(path)))
+        state = match_state_dict(module, state_dict_of(read_checkpoint(path)))
         module.load_state_dict(state)
     except TeacherCheckpointError as err:
         raise TeacherCheckpointError(f"{field}={path}: {err}") from None

@@ -205,3 +205,19 @@ def test_module_reused_keeps_last_call() -> None:
     x = torch.randn(3)
     _, feats = FeatureTaps(Twice(), ["act:input"])(x)
     torch.testing.assert_close(feats["act:input"], torch.tanh(x))
+
+
+def test_transient_taps_hold_no_hooks_between_uses_and_pickle() -> None:
+    import pickle
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    taps = FeatureTaps(model, ["0", "2:input"], transient=True)
+    assert not taps.registered and not model[0]._forward_hooks
+    _, feats = taps(torch.randn(5, 3))
+    assert feats["0"].shape == (5, 4) and torch.equal(feats["2:input"], torch.relu(feats["0"]))
+    assert not taps.registered and not model[0]._forward_hooks and not model[2]._forward_pre_hooks
+    copy = pickle.loads(pickle.dumps((model, taps)))
+    _, feats_copy = copy[1](torch.ones(1, 3))
+    assert feats_copy["0"].shape == (1, 4)
+    with pytest.raises(TypeError, match="transient=True"):
+        pickle.dumps(FeatureTaps(model, ["0"]))

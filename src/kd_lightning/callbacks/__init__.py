@@ -1,5 +1,6 @@
 """Callbacks that a Trainer runs around a method."""
 
+from kd_lightning.callbacks.snr import SNREvaluation
 from kd_lightning.callbacks.throughput import SamplesPerSecond
 
-__all__ = ["SamplesPerSecond"]
+__all__ = ["SNREvaluation", "SamplesPerSecond"]

@@ -71,6 +71,15 @@ class KDDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         self._held_out: tuple[Dataset, Dataset, float] | None = None  # (kept train part, held-out, fraction)
 
+    def data_identity(self) -> dict[str, Any]:
+        """What identifies the data beyond the config, for the teacher-cache fingerprint.
+
+        The fingerprint leaves out ``root`` (a moved copy of CIFAR is the same data); a data module whose
+        files can differ under the same config (a generated RadioML file, a custom folder) returns what
+        tells them apart, e.g. file names and sizes.
+        """
+        return {}
+
     def hold_out(self, fraction: float, seed: int | None = None) -> Dataset:
         """Carve a stratified part of the training set out of it and return that part.
 

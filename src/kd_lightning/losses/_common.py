@@ -44,3 +44,13 @@ def check_temperature(temperature: float, name: str = "temperature") -> None:
 def upcast(x: Tensor) -> Tensor:
     """float16/bfloat16 to float32: softmax, logs and KL are computed in at least single precision."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
+    """``tokens[b, indices[b]]`` for every sample: ``[B, N, D]`` and ``[B, k]`` to ``[B, k, D]``."""
+    if tokens.dim() != 3 or indices.dim() != 2 or indices.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"gather_tokens needs tokens [B, N, D] and indices [B, k], got {tuple(tokens.shape)} and "
+            f"{tuple(indices.shape)}."
+        )
+    return tokens.gather(1, indices.to(tokens.device).unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

@@ -5,33 +5,47 @@ in configs (``class_path: PLD``).
 """
 
 from kd_lightning.methods.adakd import AdaKD
+from kd_lightning.methods.attention_transfer import AT
 from kd_lightning.methods.base import ClassificationModule, DistillationModule
 from kd_lightning.methods.bd_kd import BDKD
 from kd_lightning.methods.bild import BiLD
+from kd_lightning.methods.crd import CRD
 from kd_lightning.methods.dbild import DBiLD
 from kd_lightning.methods.dkd import DKD
+from kd_lightning.methods.dmae import DMAE
+from kd_lightning.methods.fitnet import FitNet
 from kd_lightning.methods.kl_mixing import KLMixingKD
 from kd_lightning.methods.logit_standard_kd import LogitStandardKD
 from kd_lightning.methods.mix_kd import MixKD
 from kd_lightning.methods.pld import PLD
+from kd_lightning.methods.rkd import RKD
 from kd_lightning.methods.self_distill import GTSelfDistill
 from kd_lightning.methods.sinkd import SinKD
+from kd_lightning.methods.skd import SKD
 from kd_lightning.methods.supervised import Supervised
 from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.taid import TAID
 from kd_lightning.methods.tgeo_kd import TGeoKD
+from kd_lightning.methods.trg import TRG
 from kd_lightning.methods.vanilla_kd import VanillaKD
 
 __all__ = [
+    "AT",
     "BDKD",
+    "CRD",
     "DKD",
+    "DMAE",
     "PLD",
+    "RKD",
+    "SKD",
     "TAID",
+    "TRG",
     "AdaKD",
     "BiLD",
     "ClassificationModule",
     "DBiLD",
     "DistillationModule",
+    "FitNet",
     "GTSelfDistill",
     "KLMixingKD",
     "LogitStandardKD",

@@ -82,7 +82,7 @@ class FeatureDistillationModule(DistillationModule):
     @staticmethod
     def _taps(model: nn.Module, names: list[str], field: str, detach: bool, clone: bool) -> FeatureTaps:
         try:
-            return FeatureTaps(model, names, detach=detach, clone=clone)
+            return FeatureTaps(model, names, detach=detach, clone=clone, transient=True)
         except (UnknownModuleError, ValueError) as err:
             raise KDConfigError(f"model.init_args.{field}: {err}") from None
 

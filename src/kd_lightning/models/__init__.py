@@ -38,12 +38,15 @@ from .cifar import (
     ShuffleNetV2,
     WideResNet,
 )
+from .mae_decoder import MAEDecoder, MAEDecoderBlock
+from .radioml import KDCNN, ClST, KDMobileNet
 from .small import MLP, SmallCNN
 from .taps import FeatureTaps, UnknownModuleError, module_names
 from .wrappers import TimmModel, TorchvisionModel
 
 __all__ = [
     "CIFAR_MODELS",
+    "KDCNN",
     "MLP",
     "VGG",
     "VGG8",
@@ -60,7 +63,11 @@ __all__ = [
     "CIFARResNet34",
     "CIFARResNet50",
     "CifarModel",
+    "ClST",
     "FeatureTaps",
+    "KDMobileNet",
+    "MAEDecoder",
+    "MAEDecoderBlock",
     "MobileNetV2",
     "ResNet",
     "ResNet8",

@@ -92,11 +92,21 @@ class FeatureTaps:
 
     The hooks are registered once, in ``__init__``, and only record while the taps are active: during
     ``taps(x)`` or inside ``with taps:``; other forwards of the model are untouched and nothing is kept
-    from them. If a module runs several times in one forward, the last call wins. ``remove()`` takes the
-    hooks off the model; using the taps again puts them back.
+    from them. With ``transient=True`` the hooks exist only while the taps are active, so the model
+    (and anything holding the taps) stays picklable between uses, e.g. for ``ddp_spawn``. If a module
+    runs several times in one forward, the last call wins. ``remove()`` takes the hooks off the model;
+    using the taps again puts them back.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], *, detach: bool = False, clone: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        *,
+        detach: bool = False,
+        clone: bool = False,
+        transient: bool = False,
+    ) -> None:
         if isinstance(names, str):
             names = [names]
         self.model = model
@@ -107,7 +117,9 @@ class FeatureTaps:
         self._store: dict[str, tuple[Any, int | None]] = {}
         self._handles: list[RemovableHandle] = []
         self._active = 0
-        self._register()
+        self.transient = transient
+        if not transient:
+            self._register()
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _register(self) -> None:
@@ -206,6 +218,23 @@ class FeatureTaps:
 
     def __exit__(self, *exc: object) -> None:
         self._active -= 1
+        if self.transient and not self._active:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable between uses (``ddp_spawn``, deepcopy): hooks and stored tensors are not carried."""
+        if self._handles and not self.transient:
+            raise TypeError(
+                "FeatureTaps with registered hooks cannot be pickled; create them with transient=True "
+                "(hooks only during use) or call remove() first"
+            )
+        state = self.__dict__.copy()
+        state["_handles"] = []
+        state["_store"] = {}
+        state["_active"] = 0
+        return state
 
     def __repr__(self) -> str:
         state = "registered" if self._handles else "removed"
