@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _clean_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """LightningCLI(args=...) warns when sys.argv also holds arguments (pytest's own)."""
     monkeypatch.setattr(sys, "argv", ["kd"])
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Undo environment changes of a test: Lightning's ddp_spawn leaves MASTER_PORT set in this process, and the
+    next two-process test would then reuse that port (still in TIME_WAIT) instead of a free one."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -118,6 +118,7 @@ class KDCLI(LightningCLI):
             accelerator=trainer_config.get("accelerator") or "auto",
             precision=trainer_config.get("precision"),
             description={"teacher": teacher_config, "data": data_config, "training": training_config},
+            progress_bar=trainer_config.get("enable_progress_bar"),
         )
         model.load_teacher(path)
         model.teacher_ckpt = str(path)
@@ -193,6 +194,7 @@ EXTRA_COMMANDS = {
     "generations": ("kd_lightning.generations", "main"),
     "radioml-synth": ("kd_lightning.data.radioml_synth", "main"),
     "model-stats": ("kd_lightning.model_stats", "main"),
+    "lm-teacher-logits": ("kd_lightning.data.teacher_logits", "main"),
 }
 
 

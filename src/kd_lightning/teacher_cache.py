@@ -8,7 +8,6 @@ A run that finds the key reuses the teacher; anything that changes the teacher c
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
@@ -23,6 +22,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from kd_lightning.fingerprint import json_digest
 from kd_lightning.methods.base import LRSchedulerCallable, OptimizerCallable
 from kd_lightning.methods.supervised import Supervised
 
@@ -35,8 +35,7 @@ _FINGERPRINT_VERSION = 1
 
 def fingerprint(payload: Mapping[str, Any]) -> str:
     """A stable 16-hex-digit hash of a JSON-able mapping (keys sorted)."""
-    text = json.dumps({"v": _FINGERPRINT_VERSION, **payload}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_digest({"v": _FINGERPRINT_VERSION, **payload})
 
 
 def data_fingerprint_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,6 +108,7 @@ class TeacherTraining:
         accelerator: str = "auto",
         precision: Any = None,
         description: Mapping[str, Any] | None = None,
+        progress_bar: bool | None = None,
     ) -> tuple[Path, bool]:
         """Return ``(path, trained_now)`` of the cached teacher for ``key``, training it if missing."""
         path = self.cache_path(key, type(teacher).__name__)
@@ -121,7 +121,7 @@ class TeacherTraining:
                     raise TimeoutError(f"rank 0 did not write the teacher {path} in {self.wait_seconds} s.")
                 time.sleep(2.0)
             return path, False
-        self._train(teacher, datamodule, path, accelerator, precision, description or {})
+        self._train(teacher, datamodule, path, accelerator, precision, description or {}, progress_bar)
         return path, True
 
     def _train(
@@ -132,6 +132,7 @@ class TeacherTraining:
         accelerator: str,
         precision: Any,
         description: Mapping[str, Any],
+        progress_bar: bool | None = None,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         network = copy.deepcopy(teacher).requires_grad_(True).train()
@@ -156,6 +157,7 @@ class TeacherTraining:
                 logger=CSVLogger(str(path.parent), name="logs"),
                 enable_checkpointing=False,
                 enable_model_summary=False,
+                enable_progress_bar=progress_bar,
                 num_sanity_val_steps=0,
             )
             trainer.fit(module, datamodule=datamodule)

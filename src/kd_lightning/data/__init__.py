@@ -5,13 +5,23 @@ from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
 from kd_lightning.data.radioml import RadioMLDataModule
+from kd_lightning.data.teacher_logits import TeacherLogitStore, TopKTargets, sparse_kl, write_teacher_logits
+from kd_lightning.data.text import ByteTokenizer, HFTokenizer, TextDataModule, TokenBatchLoader
 
 __all__ = [
+    "ByteTokenizer",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitsDataModule",
+    "HFTokenizer",
     "ImageNetDataModule",
     "KDDataModule",
     "RadioMLDataModule",
+    "TeacherLogitStore",
+    "TextDataModule",
+    "TokenBatchLoader",
+    "TopKTargets",
+    "sparse_kl",
     "stratified_split",
+    "write_teacher_logits",
 ]

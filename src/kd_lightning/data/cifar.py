@@ -4,6 +4,13 @@ The python-pickle releases are read directly (no torchvision dataset object, no 
 split lives in memory as one ``uint8`` tensor ``[N, 3, 32, 32]`` plus ``int64`` targets, and
 the benchmark augmentation (``RandomCrop(32, padding=4)`` + horizontal flip, then
 ``Normalize``) runs on tensors.
+
+Two options serve speed. ``return_view=True`` numbers each training sample's augmentation (one of
+162 crop+flip views, :mod:`kd_lightning.data.views`), which lets
+:class:`~kd_lightning.callbacks.TeacherLogitCache` replace the teacher by stored logits.
+``fast=True`` holds the training set as one ``uint8`` tensor on the training device and crops, flips
+and normalises whole batches there (:class:`~kd_lightning.data.fast.DeviceImageLoader`): same
+augmentation distribution, no workers.
 """
 
 from __future__ import annotations
@@ -17,11 +24,25 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torchvision
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets.utils import extract_archive
 
 from kd_lightning.data.base import KDDataModule, TensorImageDataset, stratified_split
+from kd_lightning.data.fast import DeviceImageLoader
 from kd_lightning.data.transforms import Compose, RandomHorizontalFlip, RandomTranslate, ToFloatNormalize
-from kd_lightning.errors import DatasetChecksumError, DatasetNotFoundError
+from kd_lightning.data.views import (
+    CROP_PADDING,
+    VIEW_ENCODING_VERSION,
+    RandomCropFlipView,
+    TensorImageViewDataset,
+    ViewSpace,
+    crop_flip_batch,
+    decode_view,
+    encode_view,
+    num_views,
+    pad_images,
+)
+from kd_lightning.errors import DatasetChecksumError, DatasetNotFoundError, KDConfigError
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "DatasetChecksumError", "load_cifar_batches"]
 
@@ -98,6 +119,20 @@ _ARGS_DOC = """
             sample's position in the training set (``0 .. len(train_set) - 1``); needed by
             memory-bank methods such as CRD. Validation and test samples stay
             ``(image, target)``.
+        return_view: training samples become ``(image, target, index, view)``: ``view`` numbers the
+            sample's augmentation, ``(dy·9 + dx)·2 + flip`` with ``dy, dx`` the crop window's offset in
+            the 4-padded image (0..8) and ``flip`` 0/1, so 0..161 (``80``: no shift, no flip, the
+            evaluation view; every sample has view 80 with ``augment=False``). The images are the
+            same as without it for the same seed. Needed by the teacher-logit cache
+            (:class:`~kd_lightning.callbacks.TeacherLogitCache`).
+        fast: the GPU input path. The training set is held as one ``uint8`` tensor on the training
+            device (moved there at the first ``train_dataloader`` call), padded once; each batch is
+            one gather with per-sample crop offsets, a flip by index, and a normalisation on the
+            device, in channels-last layout. No per-image Python, no workers (``num_workers`` and
+            ``pin_memory`` are ignored); sharded by DDP rank, reshuffled every epoch from a generator
+            seeded by ``torch.initial_seed()`` (``seed_everything``) and the epoch. Same augmentation
+            distribution and view numbering as the per-sample path, but other random draws.
+            Validation and test batches are gathered the same way (no augmentation).
 """
 
 
@@ -130,6 +165,8 @@ class _CIFARDataModule(KDDataModule):
         augment: bool = True,
         checksum: bool = False,
         return_index: bool = False,
+        return_view: bool = False,
+        fast: bool = False,
     ) -> None:
         super().__init__(
             root=root,
@@ -145,8 +182,13 @@ class _CIFARDataModule(KDDataModule):
         self.augment = augment
         self.checksum = checksum
         self.return_index = return_index
+        self.return_view = return_view
+        self.fast = fast
         self.classes: list[str] = []
         self._test_data: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._padded: dict[tuple[int, str], torch.Tensor] = {}  # (id of an image tensor, device) -> padded stack
+        self._fast_seed: int | None = None
+        self._identity_digest: tuple[int, str] | None = None
 
     # ----------------------------------------------------------------------------- files
     @property
@@ -220,6 +262,22 @@ class _CIFARDataModule(KDDataModule):
         """Transform of validation and test images: ``Normalize`` only."""
         return ToFloatNormalize(self.mean, self.std)
 
+    def view_transform(self) -> RandomCropFlipView:
+        """The numbered crop+flip of ``return_view`` (identity view only when ``augment`` is off)."""
+        return RandomCropFlipView(padding=CROP_PADDING, enabled=self.augment)
+
+    def _builtin_train_transform(self) -> bool:
+        return type(self).train_transform is _CIFARDataModule.train_transform
+
+    def _check_view_options(self) -> None:
+        if (self.return_view or self.fast) and not self._builtin_train_transform():
+            option = "return_view" if self.return_view else "fast"
+            raise KDConfigError(
+                f"data.init_args.{option}=true needs the built-in RandomCrop(32, padding=4) + flip, but "
+                f"{type(self).__name__} overrides train_transform (a custom transform has no numbered views and no "
+                f"batched GPU version): set data.init_args.{option}=false."
+            )
+
     # ----------------------------------------------------------------------------- setup
     def _load(self, files: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         folder = self._folder()
@@ -265,7 +323,146 @@ class _CIFARDataModule(KDDataModule):
             images, targets = images[kept], targets[kept]
         else:
             self.val_set = self.test_set
-        self.train_set = TensorImageDataset(images, targets, self.train_transform(), return_index=self.return_index)
+        self._check_view_options()
+        if self.return_view:
+            self.train_set = TensorImageViewDataset(images, targets, self.view_transform(), self.eval_transform())
+        else:
+            self.train_set = TensorImageDataset(images, targets, self.train_transform(), return_index=self.return_index)
+
+    # ----------------------------------------------------------------------------- fast input path
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @staticmethod
+    def _tensor_source(dataset: Dataset | None, split: str) -> tuple[TensorImageDataset, torch.Tensor | None]:
+        """The tensor dataset behind ``dataset`` and the positions it exposes (``None``: all)."""
+        if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorImageDataset):
+            return dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+        if isinstance(dataset, TensorImageDataset):
+            return dataset, None
+        raise RuntimeError(f"data.init_args.fast=true: the {split} set is {type(dataset).__name__}, not image tensors.")
+
+    def padded_images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``images`` padded by 4 (``uint8``, channels-last ``[N, 40, 40, 3]``) on ``device``, built once per device."""
+        key = (id(images), str(device))
+        if key not in self._padded:
+            for old in [k for k in self._padded if k[0] == id(images)]:
+                del self._padded[old]  # moved to another device: keep one copy
+            self._padded[key] = pad_images(images.to(device), CROP_PADDING, fill=0, channels_last=True)
+        return self._padded[key]
+
+    def _seed(self) -> int:
+        if self._fast_seed is None:
+            seed = torch.initial_seed() % (2**63 - 1)
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.world_size > 1:
+                seed = int(trainer.strategy.broadcast(seed, src=0))  # every rank must shuffle alike
+            self._fast_seed = int(seed)
+        return self._fast_seed
+
+    def _fast_loader(self, dataset: Dataset | None, split: str, train: bool) -> DeviceImageLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() did not create the {split} set.")
+        source, pool = self._tensor_source(dataset, split)
+        rank, world = self._rank()
+        return DeviceImageLoader(
+            self.padded_images(source.images, self._device()),
+            source.targets,
+            pool,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            mean=self.mean,
+            std=self.std,
+            size=tuple(source.images.shape[-2:]),
+            padding=CROP_PADDING,
+            shuffle=train,
+            augment=train and self.augment,
+            drop_last=self.drop_last if train else False,
+            return_index=train and self.return_index,
+            return_view=train and self.return_view,
+            seed=self._seed() if train else 0,
+            rank=rank,
+            world_size=world,
+        )
+
+    def train_dataloader(self) -> Any:
+        if self.fast:
+            return self._fast_loader(self.train_set, "train", train=True)
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        if self.fast:
+            return self._fast_loader(self.val_set, "validation", train=False)
+        return super().val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        if self.fast:
+            return self._fast_loader(self.test_set, "test", train=False)
+        return super().test_dataloader()
+
+    # ----------------------------------------------------------------------------- numbered views
+    def _train_source(self) -> TensorImageDataset:
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.teacher_view_space() needs setup('fit') to have run.")
+        return self._tensor_source(self.train_set, "train")[0]
+
+    def _digest(self, source: TensorImageDataset) -> str:
+        if self._identity_digest is None or self._identity_digest[0] != id(source.images):
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(source.images.contiguous().numpy().tobytes())
+            digest.update(source.targets.numpy().tobytes())
+            self._identity_digest = (id(source.images), digest.hexdigest())
+        return self._identity_digest[1]
+
+    def teacher_view_space(self) -> ViewSpace:
+        """The enumerated training views, for :class:`~kd_lightning.callbacks.TeacherLogitCache`.
+
+        Raises:
+            KDConfigError: when the training batches carry no view ids (``return_view`` is off) or the
+                transform is not the built-in crop+flip.
+        """
+        if not self.return_view:
+            raise KDConfigError(
+                f"{type(self).__name__} does not number its training views: set data.init_args.return_view=true "
+                "so that batches are (x, y, index, view) and the teacher-logit cache can look each view up."
+            )
+        self._check_view_options()
+        source = self._train_source()
+        padding = CROP_PADDING
+        views = torch.arange(num_views(padding)) if self.augment else torch.tensor([encode_view(padding, padding, 0)])
+        identity = {
+            "data": f"{type(self).__module__}.{type(self).__qualname__}",
+            "samples": len(source),
+            "images_targets_blake2b": self._digest(source),
+            "transform": {
+                "kind": "crop+flip",
+                "padding": padding,
+                "fill": 0,
+                "size": list(source.images.shape[-2:]),
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "view_encoding": VIEW_ENCODING_VERSION,
+            },
+        }
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).reshape(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32).reshape(-1, 1, 1)
+        size = tuple(source.images.shape[-2:])
+
+        def render(indices: torch.Tensor, view_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+            padded = self.padded_images(source.images, device)
+            dy, dx, flip = decode_view(view_ids.to(device).long(), padding)
+            images = crop_flip_batch(padded, indices.to(device), dy, dx, flip, size, channels_last=True)
+            return (images.to(torch.float32) * (1 / 255) - mean.to(device)) / std.to(device)
+
+        return ViewSpace(
+            num_samples=len(source), num_views=num_views(padding), views=views, identity=identity, render=render
+        )
 
 
 class CIFAR10DataModule(_CIFARDataModule):

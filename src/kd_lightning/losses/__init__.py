@@ -29,6 +29,11 @@ from kd_lightning.losses.bild import (
     logit_difference_kl,
     pair_differences,
 )
+from kd_lightning.losses.chunked import (
+    CHUNK_OBJECTIVES,
+    ChunkObjective,
+    chunked_distillation_loss,
+)
 from kd_lightning.losses.contrastive import (
     ContrastiveMemory,
     CRDLoss,
@@ -54,6 +59,21 @@ from kd_lightning.losses.feature import (
 )
 from kd_lightning.losses.kl_mixing import (
     MixedKLLoss,
+)
+from kd_lightning.losses.lm import (
+    TOKEN_OBJECTIVES,
+    align_vocab,
+    check_vocab_sizes,
+    count_valid_tokens,
+    generalized_jsd,
+    log_mixture_ratio,
+    normalize_token_sum,
+    shift_for_next_token,
+    skew_kl,
+    skew_reverse_kl,
+    token_cross_entropy,
+    token_objective,
+    total_variation,
 )
 from kd_lightning.losses.logit import (
     DKDLoss,
@@ -149,12 +169,15 @@ from kd_lightning.losses.transport import (
 )
 
 __all__ = [
+    "CHUNK_OBJECTIVES",
     "FEATURE_VARIANTS",
+    "TOKEN_OBJECTIVES",
     "AdaKDLoss",
     "AttentionTransferLoss",
     "BDKDLoss",
     "BiLDLoss",
     "CRDLoss",
+    "ChunkObjective",
     "ClassMeanAccumulator",
     "ContrastiveMemory",
     "DBiLDLoss",
@@ -180,6 +203,7 @@ __all__ = [
     "TGeoKDLoss",
     "TRGLoss",
     "adakd_difficulty",
+    "align_vocab",
     "all_gather_cat",
     "annealed_temperature",
     "apply_mixup",
@@ -187,7 +211,10 @@ __all__ = [
     "attention_transfer_loss",
     "attention_transfer_term",
     "bd_kd_weights",
+    "check_vocab_sizes",
+    "chunked_distillation_loss",
     "contextual_loss",
+    "count_valid_tokens",
     "dkd_terms",
     "dynamic_k",
     "dynamic_logit_difference_kl",
@@ -196,6 +223,7 @@ __all__ = [
     "forward_kl",
     "fusion_feature_dim",
     "gather_tokens",
+    "generalized_jsd",
     "geometry_features",
     "hint_loss",
     "idts_temperatures",
@@ -204,6 +232,7 @@ __all__ = [
     "kernel_ridge_self_distillation_limit",
     "kl_divergence",
     "l1_cost",
+    "log_mixture_ratio",
     "logit_difference_kl",
     "masked_reconstruction_loss",
     "mix_targets",
@@ -214,6 +243,7 @@ __all__ = [
     "node_loss",
     "noise_scale",
     "noisy_soft_targets",
+    "normalize_token_sum",
     "normalized_l1_loss",
     "optimal_alpha",
     "pair_differences",
@@ -234,9 +264,12 @@ __all__ = [
     "sample_noise",
     "sample_token_indices",
     "select_hardest",
+    "shift_for_next_token",
     "sincos_pos_embed_2d",
     "sinkhorn_distance",
     "sinkhorn_plan",
+    "skew_kl",
+    "skew_reverse_kl",
     "soft_cross_entropy",
     "soft_target_kl",
     "softmax_mse",
@@ -246,7 +279,10 @@ __all__ = [
     "taid_interpolated_logits",
     "taid_loss",
     "tgeo_kd_terms",
+    "token_cross_entropy",
     "token_graph",
+    "token_objective",
     "tokens_from_features",
+    "total_variation",
     "unpatchify",
 ]

@@ -2,9 +2,10 @@
 
 An *item* is one distribution: a sample of a ``[B, C]`` batch or a token of a ``[B, T, V]`` batch
 (any ``[..., C]`` shape works). Every function computes in at least float32 and takes an optional
-boolean ``mask`` of the leading shape: reduced values average over the items where it is true
-(tokens of padding, for instance, are left out). Teacher logits are *not* detached here: these are
-building blocks; the losses that use them decide what is a constant.
+boolean ``mask`` of the leading shape: reduced values average (``"mean"``) or add up (``"sum"``, for
+normalisations over several batches, e.g. language-model tokens over gradient accumulation) over the
+items where it is true (tokens of padding, for instance, are left out). Teacher logits are *not*
+detached here: these are building blocks; the losses that use them decide what is a constant.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from kd_lightning.losses._common import check_temperature, upcast
 
-Reduction = Literal["mean", "none"]
+Reduction = Literal["mean", "sum", "none"]
 
 __all__ = [
     "entropy",
@@ -30,9 +31,9 @@ __all__ = [
 
 
 def reduce_items(values: Tensor, mask: Tensor | None = None, reduction: Reduction = "mean") -> Tensor:
-    """Average per-item ``values`` (shape ``[...]``) over the items selected by ``mask``.
+    """Average (or sum) per-item ``values`` (shape ``[...]``) over the items selected by ``mask``.
 
-    ``reduction="none"`` returns ``values`` with masked items set to zero.
+    ``reduction="none"`` returns ``values`` with masked items set to zero; ``"sum"`` their sum.
     """
     if mask is not None:
         if mask.shape != values.shape:
@@ -40,8 +41,10 @@ def reduce_items(values: Tensor, mask: Tensor | None = None, reduction: Reductio
         values = values * mask.to(values.dtype)
     if reduction == "none":
         return values
+    if reduction == "sum":
+        return values.sum()
     if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
     count = values.numel() if mask is None else mask.sum()
     return values.sum() / torch.as_tensor(count, dtype=values.dtype, device=values.device).clamp_min(1)
 

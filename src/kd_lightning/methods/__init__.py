@@ -11,12 +11,16 @@ from kd_lightning.methods.bd_kd import BDKD
 from kd_lightning.methods.bild import BiLD
 from kd_lightning.methods.crd import CRD
 from kd_lightning.methods.dbild import DBiLD
+from kd_lightning.methods.decoupled_kl import DecoupledKLDistill
 from kd_lightning.methods.dkd import DKD
 from kd_lightning.methods.dmae import DMAE
 from kd_lightning.methods.fitnet import FitNet
 from kd_lightning.methods.kl_mixing import KLMixingKD
+from kd_lightning.methods.lm_base import LMDistillationModule, LMSupervised
+from kd_lightning.methods.lm_distill import LMDistill
 from kd_lightning.methods.logit_standard_kd import LogitStandardKD
 from kd_lightning.methods.mix_kd import MixKD
+from kd_lightning.methods.on_policy import OnPolicyDistill
 from kd_lightning.methods.pld import PLD
 from kd_lightning.methods.rkd import RKD
 from kd_lightning.methods.self_distill import GTSelfDistill
@@ -44,12 +48,17 @@ __all__ = [
     "BiLD",
     "ClassificationModule",
     "DBiLD",
+    "DecoupledKLDistill",
     "DistillationModule",
     "FitNet",
     "GTSelfDistill",
     "KLMixingKD",
+    "LMDistill",
+    "LMDistillationModule",
+    "LMSupervised",
     "LogitStandardKD",
     "MixKD",
+    "OnPolicyDistill",
     "SinKD",
     "Supervised",
     "SwingKD",

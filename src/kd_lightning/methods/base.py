@@ -15,7 +15,7 @@ import json
 import math
 import warnings
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,16 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 
 __all__ = ["ClassificationModule", "DistillationModule"]
+
+#: ``teacher_precision`` -> autocast dtype (``None``: no autocast).
+_AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: give a 4-D first input the channels-last memory format."""
+    if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+        return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    return args
 
 
 def _describe(module: nn.Module | None) -> str:
@@ -135,8 +145,10 @@ class ClassificationModule(L.LightningModule):
         Raises:
             KDConfigError: naming the config field, the network class and the fix.
         """
-        probe = torch.zeros(2, *input_shape, device=self.device)
         for field, module in self.networks_to_check().items():
+            # The network's own device: Lightning calls setup() before it moves the module to the accelerator.
+            param = next(iter(module.parameters()), None)
+            probe = torch.zeros(2, *input_shape, device=param.device if param is not None else self.device)
             was_training = module.training
             module.eval()
             try:
@@ -161,7 +173,10 @@ class ClassificationModule(L.LightningModule):
 
     def _build_metrics(self) -> None:
         n, k = int(self.num_classes), min(self.top_k, int(self.num_classes))
-        for stage in ("train", "val", "test"):
+        # Training accuracy skips torchmetrics' input validation: it calls torch.unique on the targets, which
+        # waits for the GPU at every step (the loss already rejects bad targets).
+        self.metrics["train_acc"] = MulticlassAccuracy(num_classes=n, top_k=1, average="micro", validate_args=False)
+        for stage in ("val", "test"):
             self.metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes=n, top_k=1, average="micro")
         for stage in ("val", "test"):
             self.metrics[f"{stage}_acc_top{self.top_k}"] = MulticlassAccuracy(num_classes=n, top_k=k, average="micro")
@@ -299,6 +314,17 @@ class DistillationModule(ClassificationModule):
             the teacher first and caches it. A path that does not exist is an error.
         fidelity: also measure the teacher's accuracy, top-1 agreement and KL(p_T ‖ p_S) on the
             validation and test data (one teacher forward per evaluation batch).
+        compile_student: ``torch.compile`` the student in place (``nn.Module.compile``: the state
+            dict and checkpoints keep their keys) once the run is set up.
+        compile_teacher: the same for the teacher, where it runs online (training steps of methods
+            without a logit cache, cache fills, evaluation).
+        compile_options: keyword arguments of ``torch.compile`` for both (``mode``, ``backend``,
+            ``dynamic``, ...); ``None``: the defaults.
+        teacher_precision: run the frozen teacher under ``torch.autocast`` in ``"bf16"`` or ``"fp16"``
+            (its logits are returned as float32); ``None`` runs it in the module's precision. Part of
+            the teacher-logit cache key.
+        channels_last: convert both networks, and the 4-D inputs they are called with, to the
+            channels-last memory format (faster convolutions on GPUs with AMP).
         **kwargs: ``optimizer``, ``lr_scheduler``, ``lr_scheduler_interval``, ``num_classes``,
             ``top_k`` of :class:`ClassificationModule`. Only the student (and the method's own
             trainable parts) are optimised.
@@ -306,10 +332,21 @@ class DistillationModule(ClassificationModule):
     Subclasses set ``self.criterion`` (a loss called as ``criterion(student_logits, teacher_logits,
     target)``) or override :meth:`distillation_loss`; methods that need more than logits override
     :meth:`training_loss`. A method that trains its teacher sets ``trains_teacher = True``.
+
+    The default :meth:`training_loss` takes the teacher's logits from :meth:`teacher_logits`, which
+    reads an attached exact logit cache (:class:`~kd_lightning.callbacks.TeacherLogitCache`) instead
+    of running the teacher; see :attr:`uses_teacher_logits_only`.
     """
 
     #: Whether the method updates the teacher (online KD); otherwise it is frozen and in eval mode.
     trains_teacher: bool = False
+    #: Whether the method's training needs nothing from the teacher but its logits of the batch's inputs,
+    #: obtained through :meth:`teacher_logits` (then a teacher-logit cache can replace the teacher).
+    #: ``None`` decides from the class: ``True`` when it keeps the base's ``training_loss``,
+    #: ``training_step`` and ``teacher_forward`` and does not train its teacher. A method that overrides
+    #: ``training_step`` but still gets its teacher logits from the base's ``training_loss`` (or calls
+    #: ``teacher_logits`` itself) sets ``True``; one whose loss needs features or mixed inputs keeps it off.
+    uses_teacher_logits_only: bool | None = None
 
     def __init__(
         self,
@@ -317,9 +354,18 @@ class DistillationModule(ClassificationModule):
         teacher: nn.Module,
         teacher_ckpt: str | None = None,
         fidelity: bool = True,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
+        compile_options: dict[str, Any] | None = None,
+        teacher_precision: Literal["bf16", "fp16"] | None = None,
+        channels_last: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if teacher_precision not in _AUTOCAST_DTYPES:
+            raise KDConfigError(
+                f"model.init_args.teacher_precision must be 'bf16', 'fp16' or null, got {teacher_precision!r}."
+            )
         if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
             raise KDConfigError(
                 "model.init_args.student and model.init_args.teacher must be torch.nn.Module instances, "
@@ -329,6 +375,13 @@ class DistillationModule(ClassificationModule):
         self.teacher = teacher
         self.teacher_ckpt = teacher_ckpt
         self.fidelity = fidelity
+        self.compile_student = compile_student
+        self.compile_teacher = compile_teacher
+        self.compile_options = dict(compile_options or {})
+        self.teacher_precision = teacher_precision
+        self.channels_last = channels_last
+        self._teacher_logit_source: Callable[[DistillationModule, Any, Tensor], Tensor] | None = None
+        self._channels_last_hooks: list[Any] = []
         if teacher_ckpt is not None:
             self.load_teacher(teacher_ckpt)
         if not self.trains_teacher:
@@ -353,22 +406,80 @@ class DistillationModule(ClassificationModule):
     def networks_to_check(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher}
 
+    # ------------------------------------------------------------------ speed switches
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # shape checks run on the plain (uncompiled) networks
+        if self.channels_last and not self._channels_last_hooks:
+            for network in (self.student, self.teacher):
+                network.to(memory_format=torch.channels_last)
+                # Inputs follow at each call (a no-op for batches already channels-last, e.g. the fast CIFAR path).
+                self._channels_last_hooks.append(network.register_forward_pre_hook(_channels_last_input))
+        if self.compile_student and getattr(self.student, "_compiled_call_impl", None) is None:
+            self.student.compile(**self.compile_options)
+        if self.compile_teacher and getattr(self.teacher, "_compiled_call_impl", None) is None:
+            self.teacher.compile(**self.compile_options)
+
+    # ------------------------------------------------------------------ teacher-logit cache
+    def teacher_logits_only(self) -> bool:
+        """Whether a teacher-logit cache may replace the teacher in training (see :attr:`uses_teacher_logits_only`)."""
+        if self.trains_teacher:
+            return False
+        if self.uses_teacher_logits_only is not None:
+            return bool(self.uses_teacher_logits_only)
+        cls = type(self)
+        return all(
+            getattr(cls, name) is getattr(DistillationModule, name)
+            for name in ("training_loss", "training_step", "teacher_forward")
+        )
+
+    def attach_teacher_logit_source(self, source: Callable[[DistillationModule, Any, Tensor], Tensor] | None) -> None:
+        """Let ``source(module, batch, x)`` provide the training teacher logits (``None`` detaches it).
+
+        Used by :class:`~kd_lightning.callbacks.TeacherLogitCache`.
+
+        Raises:
+            KDConfigError: if this method cannot take its teacher logits from a cache.
+        """
+        if source is not None and not self.teacher_logits_only():
+            raise KDConfigError(
+                f"{type(self).__name__} needs more than the teacher's logits in training (or trains its teacher): "
+                "a teacher-logit cache cannot replace its teacher."
+            )
+        self._teacher_logit_source = source
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         teacher_ids = {id(p) for p in self.teacher.parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in teacher_ids]
 
     # ------------------------------------------------------------------ forward passes
+    def _run_teacher(self, x: Tensor) -> Tensor:
+        dtype = _AUTOCAST_DTYPES[self.teacher_precision]
+        if dtype is None:
+            return self.teacher(x)
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = self.teacher(x)
+        return out.float() if isinstance(out, Tensor) else out
+
     def teacher_forward(self, x: Tensor) -> Tensor:
-        """Teacher logits for ``x`` without autograd (frozen teachers)."""
+        """Teacher logits for ``x`` without autograd (frozen teachers), in ``teacher_precision``."""
         if self.trains_teacher:
-            return self.teacher(x)
+            return self._run_teacher(x)
         with torch.no_grad():
-            return self.teacher(x)
+            return self._run_teacher(x)
+
+    def teacher_logits(self, batch: Any, x: Tensor) -> Tensor:
+        """Teacher logits of the batch's inputs ``x``: an attached logit cache's, else :meth:`teacher_forward`'s."""
+        source = self._teacher_logit_source
+        if source is not None:
+            return source(self, batch, x)
+        return self.teacher_forward(x)
 
     def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         x, y = self.unpack(batch)
+        # Teacher first: its activations are freed before the student's (kept for backward) exist, which
+        # lowers peak memory and measured ~10 % faster on CPU for resnet32x4 -> resnet8x4.
+        teacher_logits = self.teacher_logits(batch, x)
         student_logits = self.student(x)
-        teacher_logits = self.teacher_forward(x)
         return self.distillation_loss(student_logits, teacher_logits, y), student_logits
 
     def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
@@ -396,7 +507,7 @@ class DistillationModule(ClassificationModule):
         if not (self.fidelity or overridden):
             return  # nothing to measure: skip the teacher forward
         with torch.no_grad():
-            teacher_logits = self.teacher(x)
+            teacher_logits = self._run_teacher(x)
         self.eval_with_teacher(y, logits, teacher_logits, stage)
 
     def eval_with_teacher(self, y: Tensor, logits: Tensor, teacher_logits: Tensor, stage: str) -> None:

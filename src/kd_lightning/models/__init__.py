@@ -38,6 +38,7 @@ from .cifar import (
     ShuffleNetV2,
     WideResNet,
 )
+from .lm import HFCausalLM, TinyGPT
 from .mae_decoder import MAEDecoder, MAEDecoderBlock
 from .radioml import KDCNN, ClST, KDMobileNet
 from .small import MLP, SmallCNN
@@ -65,6 +66,7 @@ __all__ = [
     "CifarModel",
     "ClST",
     "FeatureTaps",
+    "HFCausalLM",
     "KDMobileNet",
     "MAEDecoder",
     "MAEDecoderBlock",
@@ -83,6 +85,7 @@ __all__ = [
     "ShuffleNetV2",
     "SmallCNN",
     "TimmModel",
+    "TinyGPT",
     "TorchvisionModel",
     "UnknownModuleError",
     "WideResNet",

@@ -1,0 +1,516 @@
+"""Language-model bases: :class:`LMDistillationModule` (teacher → student) and :class:`LMSupervised` (one LM).
+
+Both train causal LMs on the dict batches of :class:`~kd_lightning.data.text.TextDataModule`::
+
+    {"input_ids": [B, T], "attention_mask": [B, T], "labels": [B, T] (-100 = not predicted),
+     "num_items_in_batch": [] (valid tokens of the gradient-accumulation group, optional), ...}
+
+with the next-token convention (the logits at position t predict ``labels[t + 1]``, via
+:func:`~kd_lightning.losses.lm.shift_for_next_token`). What the two share:
+
+- **Global token normalisation.** A method computes its loss as a *sum* over the valid tokens of the
+  micro-batch; ``training_step`` returns :func:`~kd_lightning.losses.lm.normalize_token_sum` of it, so
+  that after Lightning's division by ``accumulate_grad_batches`` and DDP's average over ranks the
+  gradient is that of (Σ per-token loss over every valid token of the accumulation group on every
+  rank) / (number of those tokens) — the same update as one big batch. ``setup`` tells the data
+  module the accumulation factor (``datamodule.accumulate_grad_batches``) so it can count the group's
+  tokens. Logged training values are per-token means of the micro-batch.
+- **Evaluation** (validation/test, synced across DDP ranks by torchmetrics): ``loss`` (mean token
+  cross-entropy), ``ppl`` (its exponential: perplexity), ``acc`` (token top-1 accuracy); with a teacher
+  also ``teacher_ppl``, ``teacher_acc``, ``agreement`` (teacher-student top-1 agreement) and
+  ``kl_to_teacher`` (mean token KL(p_T ‖ p_S)), all over the valid (label ≠ -100) tokens.
+- **Vocabulary checks at setup** instead of the image class-count probe: each network runs once on two
+  tokens; it must predict at least the tokenizer's ids, and student and teacher go through
+  :func:`~kd_lightning.losses.lm.align_vocab` (padding rows of the same family are sliced with a
+  warning; different tokenizers are an error naming both sizes).
+
+Also here: the sequence helpers of the on-policy methods (prompt lengths, sampling continuations with
+the student's or teacher's ``generate``) and the sampled-token reverse-KL estimator.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from kd_lightning.errors import KDConfigError
+from kd_lightning.losses._common import upcast
+from kd_lightning.losses.divergences import forward_kl
+from kd_lightning.losses.lm import align_vocab, normalize_token_sum, shift_for_next_token
+from kd_lightning.methods.base import ClassificationModule, DistillationModule, _describe
+
+__all__ = [
+    "ExpMeanMetric",
+    "LMDistillationModule",
+    "LMSupervised",
+    "lm_batch",
+    "masked_token_cross_entropy",
+    "prompt_lengths",
+    "sample_continuations",
+    "sampled_token_reverse_kl",
+]
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class ExpMeanMetric(MeanMetric):
+    """``exp`` of a (weighted) mean, synced across ranks: perplexity from per-token cross-entropies."""
+
+    def compute(self) -> Tensor:
+        return torch.exp(super().compute())
+
+
+def lm_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(input_ids, attention_mask or None, labels)`` of a dict batch; labels default to ``input_ids``.
+
+    Raises:
+        KDConfigError: when the batch is not a dict with ``input_ids`` (e.g. an image data module).
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise KDConfigError(
+            "language-model methods need dict batches with 'input_ids' (and 'attention_mask', 'labels') "
+            f"such as TextDataModule's, got {got}: use a text data module (data.class_path: TextDataModule)."
+        )
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), IGNORE_INDEX)
+    return input_ids, attention_mask, labels
+
+
+def masked_token_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Per-token cross-entropy ``−log softmax(z)[y]`` (float32 or wider), 0 where ``mask`` is false."""
+    flat = upcast(logits).reshape(-1, logits.shape[-1])
+    safe = targets.masked_fill(~mask, 0).reshape(-1)
+    ce = F.cross_entropy(flat, safe, reduction="none").reshape(targets.shape)
+    return ce * mask.to(ce.dtype)
+
+
+def vocab_of(logits: Tensor) -> int:
+    return int(logits.shape[-1])
+
+
+def prompt_lengths(labels: Tensor, attention_mask: Tensor | None, prompt_length: int) -> tuple[Tensor, Tensor]:
+    """Per row, ``(prompt_len, row_len)``: the tokens that form the prompt and the row's real tokens.
+
+    Rows whose labels start with masked positions (prompt masking of prompt/response data) have the
+    prompt ``[0, first predicted position)``; rows predicted from their first token (packed plain text)
+    use the first ``prompt_length`` tokens. Prompts are capped to leave one token to continue.
+    ``row_len`` counts the attention mask (right padding), or is ``T``. Rows with no predicted token
+    get ``prompt_len = row_len`` (nothing to continue).
+    """
+    batch, length = labels.shape
+    row_len = (
+        attention_mask.long().sum(-1)
+        if attention_mask is not None
+        else torch.full((batch,), length, dtype=torch.long, device=labels.device)
+    )
+    valid = labels != IGNORE_INDEX
+    positions = torch.arange(length, device=labels.device).expand(batch, length)
+    first = torch.where(valid, positions, torch.full_like(positions, length)).min(-1).values
+    prompt = torch.where(first > 0, first, torch.full_like(first, prompt_length))
+    prompt = torch.minimum(prompt, (row_len - 1).clamp_min(1))
+    prompt = torch.where(valid.any(-1), prompt, row_len)
+    return prompt, row_len
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: nn.Module,
+    input_ids: Tensor,
+    prompt_len: Tensor,
+    new_tokens: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, Tensor]:
+    """Sample ``new_tokens[b]`` tokens after the prompt ``input_ids[b, :prompt_len[b]]`` with ``model.generate``.
+
+    The model runs in eval mode (dropout off, as TRL's GKD does) under ``no_grad``; rows with equal
+    prompt lengths are sampled together (no padding inside a prompt). A continuation stops after its
+    first ``eos_token_id`` (kept). Returns a right-padded batch ``{"input_ids", "attention_mask",
+    "labels"}`` of width ``max(prompt_len + new_tokens)``: labels are the sampled tokens, ``-100`` on the
+    prompt and the padding, so only the continuation is predicted.
+    """
+    if not hasattr(model, "generate"):
+        raise KDConfigError(
+            f"{_describe(model)} has no generate(input_ids, ..., max_new_tokens=...): on-policy methods sample "
+            "with it (TinyGPT and HFCausalLM have one)."
+        )
+    batch = input_ids.shape[0]
+    width = int((prompt_len + new_tokens).max().item()) if batch else 0
+    out_ids = torch.full((batch, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    out_mask = torch.zeros((batch, width), dtype=torch.bool, device=input_ids.device)
+    out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for p in torch.unique(prompt_len).tolist():
+            rows = (prompt_len == p).nonzero().squeeze(-1)
+            counts = new_tokens[rows]
+            n = int(counts.max().item())
+            out_ids[rows, :p] = input_ids[rows, :p]
+            out_mask[rows, :p] = True
+            if n <= 0:
+                continue
+            prompt = input_ids[rows, :p]
+            generated = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt, dtype=torch.bool),
+                max_new_tokens=n,
+                temperature=temperature,
+                top_k=top_k,
+                eos_token_id=eos_token_id,
+            )
+            cont = generated[:, p : p + n].to(input_ids.dtype)
+            keep = torch.arange(cont.shape[1], device=cont.device).unsqueeze(0) < counts.unsqueeze(1)
+            if eos_token_id is not None:  # up to and including the first EOS
+                seen = (cont == eos_token_id).long().cumsum(-1)
+                keep &= (seen == 0) | ((seen == 1) & (cont == eos_token_id))
+            span = slice(p, p + cont.shape[1])
+            out_ids[rows, span] = torch.where(keep, cont, torch.full_like(cont, pad_token_id))
+            out_mask[rows, span] = keep
+            out_labels[rows, span] = torch.where(keep, cont.long(), torch.full_like(cont, IGNORE_INDEX).long())
+    finally:
+        model.train(was_training)
+    return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+
+
+def pad_batches(batches: list[dict[str, Tensor]], pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Right-pad dict batches ``{"input_ids", "attention_mask", "labels"}`` to one width and stack them."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_token_id, "attention_mask": False, "labels": IGNORE_INDEX}
+    out = {}
+    for key, value in fill.items():
+        parts = [F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches]
+        out[key] = torch.cat(parts)
+    return out
+
+
+def sampled_token_reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Sampled-token reverse-KL estimator on the student's own samples: ``(loss_sum, reward_sum)``.
+
+    Per token ``ℓ_t = −sg(r_t)·log q(y_t)`` with the dense reward ``r_t = log p_T(y_t) − log q(y_t)``
+    (MiniLLM's single-step / Thinking Machines on-policy distillation; Decoupling-KL Proposition 1(ii)):
+    its gradient ``E_{y~q}[(log q − log p_T)∇log q]`` is ∇KL(q ‖ p_T) when ``y ~ q``. ``reward_sum`` is
+    Σ r_t (−Σ r_t estimates the reverse KL). Both summed over ``mask``.
+    """
+    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(upcast(teacher_logits).detach() / temperature, dim=-1)
+    safe = tokens.masked_fill(~mask, 0).unsqueeze(-1)
+    log_q_y = log_q.gather(-1, safe).squeeze(-1)
+    reward = (log_p.gather(-1, safe).squeeze(-1) - log_q_y).detach()
+    weights = mask.to(log_q_y.dtype)
+    return -(reward * log_q_y * weights).sum(), (reward * weights).sum()
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+class _LanguageModelSteps:
+    """Setup, token-normalised training step and evaluation shared by the LM modules (a mixin)."""
+
+    #: Whether evaluation also runs a teacher (distillation) — set by the subclasses.
+    _with_teacher: bool = False
+    _warned_no_group_count: bool = False
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.network(input_ids, attention_mask=attention_mask)
+
+    @staticmethod
+    def unpack(batch: Any) -> tuple[Tensor, Tensor]:
+        input_ids, _, labels = lm_batch(batch)
+        return input_ids, labels
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        input_ids, attention_mask, _ = lm_batch(batch)
+        return self(input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None:
+            datamodule.accumulate_grad_batches = int(trainer.accumulate_grad_batches)
+        data_name = type(datamodule).__name__ if datamodule is not None else "the data"
+        data_vocab = getattr(datamodule, "vocab_size", None) or getattr(datamodule, "num_classes", None)
+        if self.num_classes is None:
+            self.num_classes = data_vocab
+        elif data_vocab is not None and int(data_vocab) != int(self.num_classes):
+            raise KDConfigError(
+                f"model.init_args.num_classes={self.num_classes} but the tokenizer of {data_name} has "
+                f"{data_vocab} ids: set num_classes to {data_vocab} (or leave it empty to take the data's)."
+            )
+        self.check_vocabularies(data_name)
+        if not self.metrics:
+            self._build_metrics()
+
+    def probe_vocab(self, field: str, module: nn.Module) -> int:
+        """Run ``module`` once on two tokens and return the size of its output vocabulary."""
+        param = next(iter(module.parameters()), None)  # setup() runs before Lightning moves the module
+        probe = torch.zeros(1, 2, dtype=torch.long, device=param.device if param is not None else self.device)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = module(probe, attention_mask=torch.ones_like(probe, dtype=torch.bool))
+        except Exception as err:
+            raise KDConfigError(
+                f"model.init_args.{field} ({_describe(module)}) fails on token ids of shape (1, 2): "
+                f"{type(err).__name__}: {err}. It must be a causal LM: forward(input_ids, attention_mask) -> logits."
+            ) from None
+        finally:
+            module.train(was_training)
+        if not isinstance(out, Tensor) or out.dim() != 3:
+            raise KDConfigError(
+                f"model.init_args.{field} ({_describe(module)}) must return logits [batch, tokens, vocab], got "
+                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}."
+            )
+        vocab = vocab_of(out)
+        if self.num_classes is not None and vocab < int(self.num_classes):
+            raise KDConfigError(
+                f"model.init_args.{field} ({_describe(module)}) predicts {vocab} tokens but the tokenizer has "
+                f"{self.num_classes} ids: build it with vocab_size={self.num_classes} (or larger)."
+            )
+        return vocab
+
+    def check_vocabularies(self, data_name: str) -> None:
+        for field, module in self.networks_to_check().items():
+            vocab = self.probe_vocab(field, module)
+            if self.num_classes is None:
+                self.num_classes = vocab
+
+    # ------------------------------------------------------------------ training
+    def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        """``({"loss": Σ_tokens total, **Σ_tokens parts}, number of valid tokens)`` for a micro-batch."""
+        raise NotImplementedError
+
+    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], None]:
+        """Per-token means of the micro-batch (the step itself uses :meth:`token_loss_sums`)."""
+        sums, count = self.token_loss_sums(batch)
+        return {k: v / count.clamp_min(1) for k, v in sums.items()}, None
+
+    def group_token_count(self, batch: Any, num_tokens: Tensor) -> Tensor | None:
+        """The normaliser of this micro-batch's loss sum: valid tokens of its accumulation group (this rank).
+
+        The data's ``num_items_in_batch``, scaled by (tokens this step trains on) / (valid tokens of the
+        batch as loaded) when a method changes the batch (on-policy samples): exact when every
+        micro-batch of the group changes in the same proportion. ``None`` without ``num_items_in_batch``.
+        """
+        if not isinstance(batch, Mapping) or batch.get("num_items_in_batch") is None:
+            return None
+        group = torch.as_tensor(batch["num_items_in_batch"], device=num_tokens.device)
+        loaded = (lm_batch(batch)[2][:, 1:] != IGNORE_INDEX).sum()
+        if int(loaded) == int(num_tokens):
+            return group
+        return torch.round(group.double() * num_tokens.double() / loaded.clamp_min(1).double()).long()
+
+    def normalize_loss(self, loss_sum: Tensor, group_count: Tensor | None, num_tokens: Tensor) -> Tensor:
+        trainer = self._trainer
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        world_size = int(trainer.world_size) if trainer is not None else 1
+        if group_count is None:  # per-micro-batch mean: exact without gradient accumulation only
+            if accumulate > 1 and not self._warned_no_group_count:
+                warnings.warn(
+                    "batches carry no 'num_items_in_batch': the loss is normalised per micro-batch, not over the "
+                    f"{accumulate} accumulated micro-batches (use TextDataModule, which counts them).",
+                    stacklevel=2,
+                )
+                self._warned_no_group_count = True
+            return normalize_token_sum(loss_sum, num_tokens, 1, world_size)  # Lightning divides by accumulate
+        return normalize_token_sum(loss_sum, group_count, accumulate, world_size)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        sums, num_tokens = self.token_loss_sums(batch)
+        count = num_tokens.clamp_min(1)
+        self.log_parts("train", {k: v.detach() / count for k, v in sums.items()}, batch_size=int(count))
+        return self.normalize_loss(sums["loss"], self.group_token_count(batch, num_tokens), num_tokens)
+
+    # ------------------------------------------------------------------ evaluation
+    def _build_metrics(self) -> None:
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_loss"] = MeanMetric()
+            self.metrics[f"{stage}_ppl"] = ExpMeanMetric()
+            self.metrics[f"{stage}_acc"] = MeanMetric()
+            if self._with_teacher and getattr(self, "fidelity", False):
+                self.metrics[f"{stage}_teacher_ppl"] = ExpMeanMetric()
+                self.metrics[f"{stage}_teacher_acc"] = MeanMetric()
+                self.metrics[f"{stage}_agreement"] = MeanMetric()
+                self.metrics[f"{stage}_kl_to_teacher"] = MeanMetric()
+
+    def _update(self, stage: str, name: str, values: Tensor, num_tokens: int, prog_bar: bool = False) -> None:
+        metric = self.metrics[f"{stage}_{name}"]
+        metric.update(values.float())
+        self.log(f"{stage}/{name}", metric, batch_size=num_tokens, prog_bar=prog_bar)
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        input_ids, attention_mask, labels = lm_batch(batch)
+        logits = self.network(input_ids, attention_mask=attention_mask)
+        s, y, mask = shift_for_next_token(logits, labels)
+        if not bool(mask.any()):
+            return
+        n = int(mask.sum())
+        ce = masked_token_cross_entropy(s, y, mask)[mask]
+        self._update(stage, "loss", ce, n)
+        self._update(stage, "ppl", ce, n, prog_bar=True)
+        self._update(stage, "acc", (s.argmax(-1) == y)[mask], n, prog_bar=True)
+        self.eval_with_teacher_lm(input_ids, attention_mask, s, y, mask, stage)
+
+    def eval_with_teacher_lm(
+        self, input_ids: Tensor, attention_mask: Tensor | None, s: Tensor, y: Tensor, mask: Tensor, stage: str
+    ) -> None:
+        """Evaluation that needs the teacher (distillation); nothing for a single LM."""
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class LMSupervised(_LanguageModelSteps, ClassificationModule):
+    """Next-token cross-entropy training of one causal LM: LM teachers and the student-alone baseline.
+
+    ``L = Σ_{valid tokens t} CE(z_t, y_{t+1}) / N_valid`` with ``N_valid`` counted over the whole
+    gradient-accumulation group and every DDP rank (global token normalisation), optional label
+    smoothing ε. Validation: ``val/loss``, ``val/ppl``, ``val/acc`` (token top-1).
+
+    Args:
+        model: the causal LM (``forward(input_ids, attention_mask) -> logits [B, T, V]``).
+        label_smoothing: ε in [0, 1).
+        **kwargs: ``optimizer``, ``lr_scheduler``, ``num_classes`` (the tokenizer's vocabulary size; the
+            data's by default) and the other arguments of :class:`~kd_lightning.methods.base.ClassificationModule`.
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise KDConfigError(f"model.init_args.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if not isinstance(model, nn.Module):
+            raise KDConfigError(f"model.init_args.model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model
+
+    def networks_to_check(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        input_ids, attention_mask, labels = lm_batch(batch)
+        logits = self.model(input_ids, attention_mask=attention_mask)
+        s, y, mask = shift_for_next_token(logits, labels)
+        flat = upcast(s).reshape(-1, s.shape[-1])
+        ce = F.cross_entropy(
+            flat, y.masked_fill(~mask, 0).reshape(-1), reduction="none", label_smoothing=self.label_smoothing
+        )
+        total = (ce.reshape(y.shape) * mask.to(ce.dtype)).sum()
+        return {"loss": total, "ce": total.detach()}, mask.sum()
+
+
+class LMDistillationModule(_LanguageModelSteps, DistillationModule):
+    """Base of the language-model distillation methods: a causal-LM student learns from a frozen LM teacher.
+
+    Subclasses implement :meth:`distillation_sums` (token losses summed over the valid tokens, from
+    aligned student/teacher logits already shifted to the next-token convention) or, when they build
+    their own sequences (on-policy sampling), :meth:`token_loss_sums`. See the module docstring for the
+    normalisation, the evaluation metrics and the vocabulary checks.
+
+    Args:
+        student: causal LM to train (``forward(input_ids, attention_mask) -> logits [B, T, V]``; the
+            chunked and on-policy paths also use ``hidden_states``, ``lm_head`` and ``generate``).
+        teacher: causal LM to learn from (frozen, eval mode, run under ``no_grad``).
+        tokenizer_ids_match: whether student and teacher share the token ids when their vocabulary sizes
+            differ: ``True`` slices the padding rows (same family, e.g. 151936 vs 152064), ``False`` is an
+            error (different tokenizers); ``None`` lets :func:`~kd_lightning.losses.lm.align_vocab` decide.
+        **kwargs: ``teacher_ckpt``, ``fidelity`` (the teacher metrics), ``optimizer``, ``lr_scheduler``,
+            ``num_classes`` (tokenizer vocabulary) of :class:`~kd_lightning.methods.base.DistillationModule`.
+    """
+
+    _with_teacher = True
+    #: The image teacher-logit cache (``TeacherLogitCache``) does not apply: LM methods read the offline
+    #: top-k store of ``kd lm-teacher-logits`` instead (``LMDistill(teacher_logits_path=...)``).
+    uses_teacher_logits_only = False
+    #: The module ``kd fit`` should train a missing teacher with (next-token cross-entropy, not image
+    #: classification); read by the CLI's teacher lifecycle once it supports it.
+    teacher_training_module: type[ClassificationModule] = LMSupervised
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, tokenizer_ids_match: bool | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(student, teacher, **kwargs)
+        self.tokenizer_ids_match = tokenizer_ids_match
+
+    # ------------------------------------------------------------------ checks
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # the LM checks (not the image probe of DistillationModule.setup)
+        for name in ("student", "teacher"):  # DistillationModule's compile switches, on the checked networks
+            module = getattr(self, name)
+            if getattr(self, f"compile_{name}", False) and getattr(module, "_compiled_call_impl", None) is None:
+                module.compile(**getattr(self, "compile_options", {}))
+
+    def check_vocabularies(self, data_name: str) -> None:
+        sizes = {field: self.probe_vocab(field, module) for field, module in self.networks_to_check().items()}
+        if self.num_classes is None:
+            self.num_classes = min(sizes.values())
+        if sizes["student"] != sizes["teacher"]:
+            dummy_s = torch.zeros(1, sizes["student"], device=self.device)
+            dummy_t = torch.zeros(1, sizes["teacher"], device=self.device)
+            try:
+                self.align(dummy_s, dummy_t)
+            except KDConfigError as err:
+                raise KDConfigError(f"model.init_args.student/teacher: {err}") from None
+
+    def align(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Student and teacher logits over one vocabulary (:func:`~kd_lightning.losses.lm.align_vocab`)."""
+        if student_logits.shape[-1] == teacher_logits.shape[-1]:
+            return student_logits, teacher_logits
+        return align_vocab(
+            student_logits,
+            teacher_logits,
+            tokenizer_ids_match=self.tokenizer_ids_match,
+            tokenizer_size=self.num_classes,
+        )
+
+    # ------------------------------------------------------------------ forward passes
+    def lm_teacher_logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Teacher logits ``[B, T, V]`` without autograd, under ``torch.autocast`` when ``teacher_precision`` is set."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(self, "teacher_precision", None) or "")
+        with torch.no_grad():
+            if dtype is None:
+                return self.teacher(input_ids, attention_mask=attention_mask)
+            with torch.autocast(device_type=input_ids.device.type, dtype=dtype):
+                return self.teacher(input_ids, attention_mask=attention_mask).float()
+
+    def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        input_ids, attention_mask, labels = lm_batch(batch)
+        student = self.student(input_ids, attention_mask=attention_mask)
+        teacher = self.lm_teacher_logits(input_ids, attention_mask)
+        student, teacher = self.align(student, teacher)
+        s, y, mask = shift_for_next_token(student, labels)
+        return self.distillation_sums(s, teacher[:, :-1], y, mask), mask.sum()
+
+    def distillation_sums(self, student: Tensor, teacher: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """``{"loss": Σ total, **Σ parts}`` over the tokens of ``mask`` (logits ``[B, T−1, V]``, aligned)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither distillation_sums nor token_loss_sums.")
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_with_teacher_lm(
+        self, input_ids: Tensor, attention_mask: Tensor | None, s: Tensor, y: Tensor, mask: Tensor, stage: str
+    ) -> None:
+        if not self.fidelity:
+            return
+        teacher = self.lm_teacher_logits(input_ids, attention_mask)[:, :-1]
+        n = int(mask.sum())
+        self._update(stage, "teacher_ppl", masked_token_cross_entropy(teacher, y, mask)[mask], n)
+        self._update(stage, "teacher_acc", (teacher.argmax(-1) == y)[mask], n)
+        s_aligned, t_aligned = self.align(s, teacher)
+        self._update(stage, "agreement", (s_aligned.argmax(-1) == t_aligned.argmax(-1))[mask], n)
+        self._update(stage, "kl_to_teacher", forward_kl(s_aligned, t_aligned, reduction="none")[mask], n)

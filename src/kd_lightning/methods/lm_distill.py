@@ -1,0 +1,348 @@
+"""Off-policy token-level distillation of causal LMs, objective chosen in the config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from kd_lightning.errors import KDConfigError
+from kd_lightning.losses.adakd import AdaKDLoss
+from kd_lightning.losses.bild import BiLDLoss, DBiLDLoss, dynamic_logit_difference_kl, logit_difference_kl
+from kd_lightning.losses.lm import TOKEN_OBJECTIVES, shift_for_next_token, token_objective
+from kd_lightning.losses.taid import TAIDLoss, taid_loss
+from kd_lightning.methods.lm_base import LMDistillationModule, lm_batch, masked_token_cross_entropy
+
+#: Objectives with their own state or arguments, built from the existing losses (token-level here).
+SCHEDULED_OBJECTIVES = ("taid", "adakd", "bild", "dbild")
+#: Their arguments that the method's own ``kd_weight``/``ce_weight`` replace.
+_OWN_WEIGHTS = {"taid": "distil_ratio", "adakd": "kd_ratio", "bild": "ce_weight", "dbild": "ce_weight"}
+
+
+class LMDistill(LMDistillationModule):
+    """Off-policy LM distillation on the dataset's sequences: ``L = w_KD·D(p_T ‖ q_S) + w_CE·CE`` per token.
+
+    ``L = Σ_{valid t} [w_KD·D_t + w_CE·CE(z_t, y_{t+1})] / N_valid`` with ``N_valid`` counted over the
+    gradient-accumulation group and the DDP ranks (:class:`~kd_lightning.methods.lm_base.LMDistillationModule`).
+    ``D`` is ``objective``:
+
+    - a name of :data:`kd_lightning.losses.lm.TOKEN_OBJECTIVES` (``forward_kl`` = KD/SFT direction,
+      ``reverse_kl``, ``jsd`` (GKD's generalised JSD, ``beta``), ``skew_kl``/``skew_reverse_kl``
+      (DistiLLM, ``alpha``), ``tv``, ``mixed_kl`` (``reverse_weight``)) with ``objective_args``, at
+      ``temperature`` τ (no τ² factor, as TRL's GKD);
+    - ``"taid"`` (:class:`~kd_lightning.losses.taid.TAIDLoss`: interpolated teacher, ``t`` stepped once per
+      optimizer step from the rank-averaged loss), ``"adakd"`` (:class:`~kd_lightning.losses.adakd.AdaKDLoss`:
+      hardest-token selection + per-token temperatures, ratio stepped per optimizer step), ``"bild"`` /
+      ``"dbild"`` (:class:`~kd_lightning.losses.bild.BiLDLoss` / ``DBiLDLoss``: top-k logit differences),
+      token-level; ``objective_args`` are their constructor's arguments (their own CE weights are replaced
+      by ``ce_weight``). AdaKD averages over its *selected* tokens: its token sum is scaled by
+      ``N_valid/N_selected`` of the micro-batch, so one micro-batch gives the official mean (RECONSTRUCTION
+      under accumulation: a token-weighted mean of the micro-batches' selected means).
+
+    ``chunked=True`` computes the student's LM head and ``D`` chunk by chunk with gradients in the forward
+    pass (:func:`~kd_lightning.losses.chunked.chunked_distillation_loss`): the ``[tokens, vocab]`` student
+    logits never exist. Needs ``student.hidden_states`` and a bias-free ``student.lm_head``; the teacher is
+    run the same way when it has them too. Registry objectives only.
+
+    ``teacher_logits_path`` reads the teacher's stored top-k log-probabilities (``kd lm-teacher-logits``)
+    instead of running the teacher in training, with the sparse KL of
+    :func:`~kd_lightning.data.teacher_logits.sparse_kl` (the tail mass as one bucket by default); the teacher
+    network still scores validation (``fidelity``). ``objective`` must be ``forward_kl``.
+
+    Args:
+        objective: the token objective (see above).
+        objective_args: its keyword arguments (e.g. ``{beta: 0.5}`` for ``jsd``, ``{t_start: 0.4}`` for ``taid``).
+        temperature: τ of both softmaxes for the registry objectives (1 for the others: their temperatures
+            are among their ``objective_args``).
+        kd_weight: ``w_KD``.
+        ce_weight: ``w_CE`` of the next-token cross-entropy on the labels (0: pure distillation).
+        chunked: use the chunked fused loss.
+        chunk_size: tokens per chunk of the chunked loss.
+        teacher_logits_path: folder of stored teacher top-k log-probabilities; ``None`` runs the teacher.
+        sparse_tail: how the sparse KL treats the mass outside the stored top-k (``"bucket"``, ``"zero"``,
+            ``"uniform"``).
+        student, teacher, **kwargs: ``tokenizer_ids_match``, ``teacher_ckpt``, ``optimizer``, ... of
+            :class:`~kd_lightning.methods.lm_base.LMDistillationModule`.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        objective: str = "forward_kl",
+        objective_args: dict[str, Any] | None = None,
+        temperature: float = 1.0,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        chunked: bool = False,
+        chunk_size: int = 256,
+        teacher_logits_path: str | None = None,
+        sparse_tail: Literal["bucket", "zero", "uniform"] = "bucket",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(student, teacher, **kwargs)
+        args = dict(objective_args or {})
+        known = sorted(TOKEN_OBJECTIVES) + list(SCHEDULED_OBJECTIVES)
+        if objective not in known:
+            raise KDConfigError(f"model.init_args.objective must be one of {known}, got {objective!r}.")
+        if not temperature > 0:
+            raise KDConfigError(f"model.init_args.temperature must be > 0, got {temperature}.")
+        if kd_weight < 0 or ce_weight < 0 or kd_weight + ce_weight == 0:
+            raise KDConfigError(
+                f"model.init_args.kd_weight and ce_weight must be >= 0 and not both 0, got {kd_weight} and {ce_weight}."
+            )
+        if chunk_size < 1:
+            raise KDConfigError(f"model.init_args.chunk_size must be >= 1, got {chunk_size}.")
+        self.objective = objective
+        self.objective_args = args
+        self.temperature = temperature
+        self.kd_weight = kd_weight
+        self.ce_weight = ce_weight
+        self.chunked = chunked
+        self.chunk_size = chunk_size
+        self.teacher_logits_path = teacher_logits_path
+        self.sparse_tail = sparse_tail
+        self._store: Any = None
+        self.objective_fn = None
+        if objective in SCHEDULED_OBJECTIVES:
+            self.criterion = self._build_scheduled(objective, args)
+            if temperature != 1.0:
+                raise KDConfigError(
+                    f"model.init_args.temperature applies to the registry objectives; {objective!r} takes its "
+                    "temperature (if any) in objective_args."
+                )
+        else:
+            if "temperature" in args:
+                raise KDConfigError(
+                    "model.init_args.objective_args.temperature: set model.init_args.temperature instead."
+                )
+            try:
+                self.objective_fn = token_objective(objective, **args)
+            except (TypeError, ValueError) as err:
+                raise KDConfigError(f"model.init_args.objective_args for {objective!r}: {err}") from None
+        if chunked:
+            self._check_chunked()
+        if teacher_logits_path is not None:
+            if objective != "forward_kl":
+                raise KDConfigError(
+                    "model.init_args.teacher_logits_path gives the teacher's top-k log-probabilities, distilled with "
+                    f"a sparse forward KL: set objective: forward_kl (got {objective!r})."
+                )
+            if chunked:
+                raise KDConfigError("model.init_args.chunked and teacher_logits_path cannot be combined.")
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _build_scheduled(objective: str, args: dict[str, Any]) -> nn.Module:
+        own = _OWN_WEIGHTS[objective]
+        if own in args:
+            raise KDConfigError(
+                f"model.init_args.objective_args.{own} is replaced by the method's kd_weight/ce_weight: remove it."
+            )
+        cls = {"taid": TAIDLoss, "adakd": AdaKDLoss, "bild": BiLDLoss, "dbild": DBiLDLoss}[objective]
+        try:
+            return cls(**args)
+        except (TypeError, ValueError) as err:
+            raise KDConfigError(f"model.init_args.objective_args for {objective!r}: {err}") from None
+
+    def _check_chunked(self) -> None:
+        from kd_lightning.losses.chunked import CHUNK_OBJECTIVES
+
+        if self.objective not in CHUNK_OBJECTIVES:
+            raise KDConfigError(
+                f"model.init_args.chunked supports the objectives {sorted(CHUNK_OBJECTIVES)}, got {self.objective!r}."
+            )
+        try:
+            CHUNK_OBJECTIVES[self.objective].bind(self.objective_args)
+        except ValueError as err:
+            raise KDConfigError(f"model.init_args.objective_args with chunked: true: {err}") from None
+        head = getattr(self.student, "lm_head", None)
+        if not callable(getattr(self.student, "hidden_states", None)) or not isinstance(head, nn.Linear):
+            raise KDConfigError(
+                f"model.init_args.chunked needs a student with hidden_states(input_ids, attention_mask) and an "
+                f"nn.Linear lm_head; {type(self.student).__name__} lacks them: set chunked: false."
+            )
+        if head.bias is not None:
+            raise KDConfigError("model.init_args.chunked needs a student lm_head without bias: set chunked: false.")
+
+    # ------------------------------------------------------------------ loss
+    def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        if self.chunked:
+            return self._chunked_sums(batch)
+        if self.teacher_logits_path is not None:
+            return self._sparse_sums(batch)
+        return super().token_loss_sums(batch)
+
+    def distillation_sums(self, student: Tensor, teacher: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        kd = self.kd_weight * self._objective_sum(student, teacher, mask)
+        parts = {self.objective: kd}
+        if self.ce_weight > 0:
+            parts["ce"] = self.ce_weight * masked_token_cross_entropy(student, targets, mask).sum()
+        return {"loss": sum(parts.values()), **parts}
+
+    def _objective_sum(self, s: Tensor, t: Tensor, mask: Tensor) -> Tensor:
+        if self.objective_fn is not None:
+            return self.objective_fn(s, t, mask=mask, temperature=self.temperature, reduction="sum")
+        criterion = self.criterion
+        num_valid = mask.sum().clamp_min(1)
+        if self.objective == "taid":
+            total = taid_loss(s, t, criterion.t, mask, criterion.objective, reduction="none").sum()
+            if criterion.training:
+                criterion.record(total.detach() / num_valid)
+            return total
+        if self.objective == "adakd":
+            per_item, selected, temperatures = criterion.distillation_terms(s, t, mask)
+            num_selected = selected.sum().clamp_min(1)
+            with torch.no_grad():
+                criterion.last_selected_fraction = float(selected.sum() / num_valid)
+                chosen = temperatures[selected]
+                criterion.last_mean_temperature = float(chosen.mean()) if chosen.numel() else math.nan
+            mean_selected = per_item.sum() / num_selected
+            if criterion.training:
+                criterion.record(mean_selected.detach())
+            return mean_selected * num_valid
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for leader in ("teacher", "student"):
+            if self.objective == "bild":
+                per_item = logit_difference_kl(
+                    s, t, criterion.top_k, criterion.temperature, leader, 0.0, mask, reduction="none"
+                )
+            else:
+                per_item = dynamic_logit_difference_kl(
+                    s,
+                    t,
+                    leader,
+                    criterion.mass,
+                    criterion.k_min,
+                    criterion.k_max,
+                    criterion.temperature,
+                    criterion.mass_temperature,
+                    criterion.k_source,
+                    criterion.reverse_weight,
+                    mask,
+                    reduction="none",
+                )
+            total = total + criterion.kd_weight * per_item.sum()
+        return total
+
+    def _chunked_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        from kd_lightning.losses.chunked import chunked_distillation_loss
+
+        input_ids, attention_mask, labels = lm_batch(batch)
+        hidden = self.student.hidden_states(input_ids, attention_mask=attention_mask)
+        weight = self.student.lm_head.weight
+        teacher_head = getattr(self.teacher, "lm_head", None)
+        fused_teacher = (
+            callable(getattr(self.teacher, "hidden_states", None))
+            and isinstance(teacher_head, nn.Linear)
+            and teacher_head.bias is None
+        )
+        with torch.no_grad():
+            if fused_teacher:  # the teacher's logits are computed chunk by chunk too
+                t_out = self.teacher.hidden_states(input_ids, attention_mask=attention_mask)
+                vocab_t = teacher_head.weight.shape[0]
+            else:
+                t_out = self.teacher(input_ids, attention_mask=attention_mask)
+                vocab_t = t_out.shape[-1]
+        vocab = min(weight.shape[0], vocab_t)
+        if weight.shape[0] != vocab_t:  # same check (and warning) as the logits path, on dummy rows
+            self.align(hidden.new_zeros(1, weight.shape[0]), hidden.new_zeros(1, vocab_t))
+        if fused_teacher:
+            teacher_kwargs = {"teacher_hidden": t_out[:, :-1], "teacher_lm_head_weight": teacher_head.weight[:vocab]}
+        else:
+            teacher_kwargs = {"teacher_logits": t_out[:, :-1, :vocab]}
+        h, y, mask = shift_for_next_token(hidden, labels)
+        loss, parts = chunked_distillation_loss(
+            h,
+            weight[:vocab],
+            mask=mask,
+            objective=self.objective,
+            temperature=self.temperature,
+            reduction="sum",
+            chunk_size=self.chunk_size,
+            kd_weight=self.kd_weight,
+            labels=y if self.ce_weight > 0 else None,
+            ce_weight=self.ce_weight,
+            return_parts=True,
+            **teacher_kwargs,
+            **self.objective_args,
+        )
+        named = {self.objective: self.kd_weight * parts["kd"]}
+        if self.ce_weight > 0:
+            named["ce"] = self.ce_weight * parts["ce"]
+        return {"loss": loss, **named}, mask.sum()
+
+    # ------------------------------------------------------------------ offline teacher logits
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.teacher_logits_path is not None and stage == "fit":
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self._store = self.open_store(getattr(datamodule, "train_set", None))
+
+    def open_store(self, dataset: Any = None) -> Any:
+        """The :class:`~kd_lightning.data.teacher_logits.TeacherLogitStore` of ``teacher_logits_path``.
+
+        Checked against the teacher's weights (the validation teacher is the one the logits came from),
+        the training split's tokens when given, and the temperature.
+        """
+        from kd_lightning.data.teacher_logits import TeacherLogitStore
+
+        try:
+            store = TeacherLogitStore(self.teacher_logits_path, teacher=self.teacher, dataset=dataset)
+        except KDConfigError as err:
+            raise KDConfigError(f"model.init_args.teacher_logits_path: {err}") from None
+        if abs(store.temperature - self.temperature) > 1e-12:
+            raise KDConfigError(
+                f"model.init_args.teacher_logits_path holds log-probabilities at temperature {store.temperature} but "
+                f"model.init_args.temperature is {self.temperature}: use the store's temperature or write it again."
+            )
+        return store
+
+    def _sparse_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        from kd_lightning.data.teacher_logits import sparse_kl
+
+        if self._store is None:
+            self._store = self.open_store()
+        input_ids, attention_mask, labels = lm_batch(batch)
+        logits = self.student(input_ids, attention_mask=attention_mask)
+        targets = self._store.targets(batch, device=logits.device).shifted()
+        s, y, mask = shift_for_next_token(logits, labels)
+        vocab_t = self._store.vocab_size
+        if s.shape[-1] != vocab_t:  # same checks as the logits path; the sparse targets index the teacher's ids
+            self.align(s.new_zeros(1, s.shape[-1]), s.new_zeros(1, vocab_t))
+            if s.shape[-1] < vocab_t:
+                raise KDConfigError(
+                    f"the student predicts {s.shape[-1]} tokens but the stored teacher logits index a vocabulary of "
+                    f"{vocab_t}: build the student with vocab_size >= {vocab_t}."
+                )
+        kd = self.kd_weight * sparse_kl(
+            s[..., :vocab_t], targets, mask, tail=self.sparse_tail, temperature=self.temperature, reduction="sum"
+        )
+        parts = {self.objective: kd}
+        if self.ce_weight > 0:
+            parts["ce"] = self.ce_weight * masked_token_cross_entropy(s, y, mask).sum()
+        return {"loss": sum(parts.values()), **parts}, mask.sum()
+
+    # ------------------------------------------------------------------ schedules
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.objective == "taid":
+            self.log("train/taid_t", self.criterion.t.clone(), on_step=True, on_epoch=False, batch_size=1)
+        elif self.objective == "adakd":
+            self.log("train/adakd_ratio", float(self.criterion.ratio), on_step=True, on_epoch=False, batch_size=1)
+            self.log(
+                "train/adakd_selected",
+                self.criterion.last_selected_fraction,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Once per optimizer step: TAID's ``t`` / AdaKD's ratio from the rank-averaged loss of the step."""
+        if self.objective in ("taid", "adakd"):
+            self.criterion.update_schedule(self.training_progress())

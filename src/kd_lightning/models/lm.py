@@ -1,0 +1,449 @@
+"""Causal language models for distillation: a small GPT in plain torch and a Hugging Face wrapper.
+
+Both share one interface (what the LM methods, the chunked loss and the offline teacher logits use):
+
+- ``forward(input_ids, attention_mask=None) -> logits [B, T, V]``;
+- ``hidden_states(input_ids, attention_mask=None) -> [B, T, H]``: the final hidden states, after the
+  final norm, so that ``lm_head(hidden_states(x)) == forward(x)``;
+- ``lm_head``: an ``nn.Linear`` with weight ``[V, H]``; ``vocab_size`` = ``V`` (output rows, padding
+  rows included);
+- ``generate(input_ids, attention_mask=None, max_new_tokens, temperature, top_k, eos_token_id)``:
+  sampled continuations (prompt + new tokens), for on-policy distillation.
+
+``attention_mask`` is boolean/0-1 ``[B, T]``, true at real tokens. Training batches are right-padded;
+prompts for :meth:`generate` may be left-padded (positions count real tokens only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.errors import KDConfigError
+
+__all__ = ["HFCausalLM", "TinyGPT", "completion_mask", "sample_next_token"]
+
+
+def sample_next_token(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """One token per row of ``[B, V]`` logits: greedy at ``temperature=0``, else sampled from
+    ``softmax(logits/temperature)`` restricted to the ``top_k`` largest logits (all when ``None`` or 0)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def completion_mask(sequences: Tensor, prompt_length: int, eos_token_id: int | None = None) -> Tensor:
+    """Boolean ``[B, T]`` mask of generated tokens: after the prompt, up to and including the first EOS.
+
+    ``sequences`` is what ``generate`` returns (prompt of ``prompt_length`` columns + continuation); tokens
+    after a row's first EOS are padding.
+    """
+    mask = torch.zeros_like(sequences, dtype=torch.bool)
+    mask[:, prompt_length:] = True
+    if eos_token_id is not None:
+        generated = sequences[:, prompt_length:]
+        is_eos = (generated == eos_token_id).long()
+        after_eos = (is_eos.cumsum(-1) - is_eos) > 0  # strictly after the first EOS
+        mask[:, prompt_length:] &= ~after_eos
+    return mask
+
+
+def _as_bool_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+            f"{tuple(attention_mask.shape)}."
+        )
+    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------------------------ TinyGPT
+class _CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None, cache: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache = {"k": k, "v": v}
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_dropout(self.proj(y)), cache
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = _CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None, cache: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        attended, cache = self.attn(self.ln1(x), attn_mask, cache)
+        x = x + attended
+        return x + self.mlp(self.ln2(x)), cache
+
+
+class TinyGPT(nn.Module):
+    """A small GPT-2-style decoder in plain torch (pre-norm blocks, learned positions, SDPA attention).
+
+    For offline use, tests and the CPU demo. The default ``vocab_size`` (264) is the byte-level
+    tokenizer's (:class:`~kd_lightning.data.text.ByteTokenizer`: 256 bytes + pad/bos/eos, rounded up to a
+    multiple of 8).
+
+    Args:
+        vocab_size: output rows ``V`` (and embedding rows).
+        d_model: hidden size ``H``.
+        n_layers: transformer blocks.
+        n_heads: attention heads (``d_model`` must divide evenly).
+        max_seq_len: longest sequence (learned position table).
+        dropout: dropout on embeddings, attention weights, and residual branches.
+        tie_embeddings: the LM head shares the token embedding's weight (GPT-2).
+        mlp_ratio: MLP width as a multiple of ``d_model``.
+
+    Initialisation follows GPT-2: normal(0, 0.02), residual projections scaled by ``1/√(2·n_layers)``.
+
+    Example:
+        >>> model = TinyGPT(d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+        >>> model(torch.randint(0, 264, (2, 10))).shape
+        torch.Size([2, 10, 264])
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 264,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        max_seq_len: int = 256,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        mlp_ratio: int = 4,
+    ) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers)):
+            if value < 1:
+                raise KDConfigError(f"TinyGPT: {name} must be >= 1, got {value}.")
+        if n_heads < 1 or d_model % n_heads:
+            raise KDConfigError(f"TinyGPT: n_heads ({n_heads}) must divide d_model ({d_model}).")
+        if max_seq_len < 1 or mlp_ratio < 1:
+            raise KDConfigError(f"TinyGPT: max_seq_len and mlp_ratio must be >= 1, got {max_seq_len}, {mlp_ratio}.")
+        if not 0.0 <= dropout < 1.0:
+            raise KDConfigError(f"TinyGPT: dropout must be in [0, 1), got {dropout}.")
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.max_seq_len = max_seq_len
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_seq_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.tie_embeddings = tie_embeddings
+        if tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ forward
+    def _positions_and_mask(
+        self, input_ids: Tensor, attention_mask: Tensor | None, past_length: int = 0, past_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Position ids ``[B, T]`` and the SDPA boolean mask ``[B, 1, T, past + T]`` (``None``: plain causal)."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        full = None if attention_mask is None else attention_mask
+        if past_mask is not None:
+            full = torch.cat([past_mask, torch.ones_like(input_ids, dtype=torch.bool) if full is None else full], 1)
+        if full is None or bool(full.all()):
+            positions = torch.arange(past_length, past_length + t, device=device).expand(b, t)
+            if past_length == 0:
+                return positions, None
+            # cached decoding: every key so far is visible, causality holds because queries are the newest
+            return positions, torch.ones(b, 1, t, past_length + t, dtype=torch.bool, device=device).tril(past_length)
+        positions = (full.long().cumsum(-1) - 1).clamp_min(0)[:, past_length:]
+        keys = past_length + t
+        causal = torch.ones(t, keys, dtype=torch.bool, device=device).tril(past_length)
+        allowed = causal & full[:, None, :]  # [B, T, keys]
+        # A query at a padding position would see no key at all (NaN softmax): let it see itself.
+        allowed = allowed | torch.eye(t, keys, dtype=torch.bool, device=device).roll(past_length, dims=1)
+        return positions, allowed.unsqueeze(1)
+
+    def _run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        caches: list[dict[str, Tensor]] | None = None,
+        past_mask: Tensor | None = None,
+    ) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}.")
+        past_length = 0 if not caches or "k" not in caches[0] else caches[0]["k"].shape[2]
+        if past_length + input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {past_length + input_ids.shape[1]} tokens is longer than TinyGPT's max_seq_len "
+                f"({self.max_seq_len}): shorten the data's block_size / the generation, or build the model with a "
+                "larger max_seq_len."
+            )
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, {self.vocab_size}), got [{low}, {high}]: the tokenizer's vocabulary "
+                    "is larger than the model's vocab_size."
+                )
+        mask = _as_bool_mask(attention_mask, input_ids)
+        positions, attn_mask = self._positions_and_mask(input_ids, mask, past_length, past_mask)
+        x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
+        for i, block in enumerate(self.blocks):
+            x, cache = block(x, attn_mask, None if caches is None else caches[i])
+            if caches is not None and cache is not None:
+                caches[i] = cache
+        return self.ln_f(x)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states ``[B, T, H]`` (after the final LayerNorm, before ``lm_head``)."""
+        return self._run(input_ids, attention_mask)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Next-token logits ``[B, T, V]``."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample up to ``max_new_tokens`` tokens after each prompt (key/value cache, no gradient).
+
+        Returns ``[B, T + n]`` ids: the prompts (left padding kept) followed by the new tokens; after a row
+        has produced ``eos_token_id`` it is filled with ``pad_token_id`` (default: the EOS id), and
+        generation stops early once every row has. ``temperature=0`` is greedy. Dropout follows the
+        module's mode (call ``eval()`` for deterministic sampling probabilities). Use
+        :func:`completion_mask` for the mask of the generated tokens.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        if input_ids.shape[1] + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds TinyGPT's "
+                f"max_seq_len ({self.max_seq_len})."
+            )
+        mask = _as_bool_mask(attention_mask, input_ids)
+        if mask is None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        caches: list[dict[str, Tensor]] = [{} for _ in self.blocks]
+        hidden = self._run(input_ids, mask, caches)
+        sequences = input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            token = sample_next_token(self.lm_head(hidden[:, -1]), temperature, top_k, generator)
+            if eos_token_id is not None:
+                if pad is not None:
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                finished = finished | (token == eos_token_id)
+            sequences = torch.cat([sequences, token[:, None]], dim=1)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+            step_mask = torch.ones_like(token[:, None], dtype=torch.bool)
+            hidden = self._run(token[:, None], step_mask, caches, past_mask=mask)
+            mask = torch.cat([mask, step_mask], dim=1)
+        return sequences
+
+
+# -------------------------------------------------------------------------------------------- HFCausalLM
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "HFCausalLM needs Hugging Face transformers: pip install 'kd-lightning[transformers]' "
+            "(or pip install transformers)."
+        ) from err
+    return transformers
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM (``AutoModelForCausalLM``) behind the kd-lightning LM interface.
+
+    Give exactly one of ``path_or_name`` (a local checkpoint folder, or a hub name — downloaded by
+    transformers unless ``local_files_only``) and ``config`` (a dict with ``model_type`` and the
+    architecture's fields: a randomly initialised model, nothing downloaded). Needs the ``transformers``
+    extra.
+
+    Args:
+        path_or_name: checkpoint folder or hub name for ``from_pretrained``.
+        config: ``AutoConfig.for_model(**config)`` fields, e.g. ``{"model_type": "llama", "vocab_size": 264,
+            "hidden_size": 64, ...}``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the weights; ``None`` keeps the
+            checkpoint's / transformers' default.
+        local_files_only: never contact the hub.
+        trust_remote_code: passed to transformers (custom architectures).
+        attn_implementation: e.g. ``"sdpa"`` or ``"eager"``; ``None`` lets transformers choose.
+        gradient_checkpointing: enable transformers' activation checkpointing.
+
+    ``hidden_states`` runs the base model (``model.base_model``, final norm included) without the LM head;
+    architectures that post-process logits (soft-capping, logit scales) do not satisfy
+    ``lm_head(hidden_states(x)) == forward(x)`` and cannot use the chunked loss.
+    """
+
+    def __init__(
+        self,
+        path_or_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        dtype: str | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if (path_or_name is None) == (config is None):
+            raise KDConfigError(
+                "HFCausalLM needs exactly one of path_or_name (a checkpoint) and config (an architecture dict), "
+                f"got path_or_name={path_or_name!r} and config={'given' if config is not None else None}."
+            )
+        if dtype is not None and dtype not in _DTYPES:
+            raise KDConfigError(f"HFCausalLM: dtype must be one of {sorted(_DTYPES)} or null, got {dtype!r}.")
+        transformers = _import_transformers()
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if dtype is not None:
+            kwargs["dtype"] = _DTYPES[dtype]
+        if config is not None:
+            config = dict(config)
+            if "model_type" not in config:
+                raise KDConfigError("HFCausalLM: config needs a 'model_type' (e.g. 'llama', 'gpt2').")
+            hf_config = transformers.AutoConfig.for_model(**config)
+            self.model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                path_or_name, local_files_only=local_files_only, **kwargs
+            )
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise KDConfigError(
+                f"HFCausalLM: {type(self.model).__name__}'s output embedding is {type(head).__name__}, not nn.Linear."
+            )
+        self.path_or_name = path_or_name
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The output projection (weight ``[V, H]``)."""
+        return self.model.get_output_embeddings()
+
+    @property
+    def vocab_size(self) -> int:
+        """Output rows of the LM head (padding rows included)."""
+        return int(self.lm_head.weight.shape[0])
+
+    @property
+    def config(self) -> Any:
+        """The transformers config."""
+        return self.model.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Next-token logits ``[B, T, V]``."""
+        mask = None if attention_mask is None else attention_mask.long()
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states ``[B, T, H]`` of the base model (no LM head, no logits computed)."""
+        mask = None if attention_mask is None else attention_mask.long()
+        return self.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sampled continuations through ``model.generate`` (``temperature=0``: greedy); prompts may be
+        left-padded. Returns prompt + new tokens; after EOS, rows hold ``pad_token_id`` (default the EOS).
+        ``generator`` is not supported by transformers (seed with ``torch.manual_seed``)."""
+        if generator is not None:
+            raise ValueError("HFCausalLM.generate does not take a torch.Generator; seed with torch.manual_seed.")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": temperature > 0,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad if pad is not None else 0,
+        }
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_k=int(top_k or 0), top_p=1.0)
+        mask = None if attention_mask is None else attention_mask.long()
+        return self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
