@@ -209,6 +209,19 @@ def test_cached_loss_sequence_equals_online_within_fp16(build: str, fast: bool, 
     assert module._teacher_logit_source is None  # detached after fit
 
 
+@pytest.mark.parametrize("method", [TAID, AdaKD], ids=lambda c: c.__name__)
+def test_scheduled_methods_follow_the_online_losses_from_the_cache(method: type, tmp_path: Path, cifar_root) -> None:
+    """TAID's t and AdaKD's ratio follow the losses, so equal sequences also mean equal schedules."""
+    online, online_module = _fit(tmp_path / "online", cifar_root, None, method=method)
+    cache = TeacherLogitCache(cache_dir=str(tmp_path / "cache"))
+    cached, cached_module = _fit(tmp_path / "cached", cifar_root, cache, method=method)
+    assert cache.lookups == 2 * N_TRAIN and cache.misses > 0
+    np.testing.assert_allclose(cached, online, rtol=1e-4, atol=1e-5)
+    online_state, cached_state = online_module.criterion.state_dict(), cached_module.criterion.state_dict()
+    for name, value in online_state.items():
+        torch.testing.assert_close(cached_state[name], value, rtol=1e-4, atol=1e-5)
+
+
 def test_a_second_run_reads_the_lazy_cache_without_running_the_teacher(tmp_path: Path, cifar_root) -> None:
     first = TeacherLogitCache(cache_dir=str(tmp_path / "cache"))
     losses_1, _ = _fit(tmp_path / "a", cifar_root, first)
@@ -230,12 +243,11 @@ def test_cache_key_follows_teacher_weights_and_teacher_precision(tmp_path: Path,
 
 # ----------------------------------------------------------------------------- which methods qualify
 #: Per method: can a logit cache replace its teacher? (Read from each class; see DistillationModule.)
-QUALIFIES = [VanillaKD, DKD, LogitStandardKD, PLD, BiLD, DBiLD, KLMixingKD, SinKD, SKD]
+QUALIFIES = [VanillaKD, DKD, LogitStandardKD, PLD, BiLD, DBiLD, KLMixingKD, SinKD, SKD, AdaKD, TAID]
 #: Features (AT, CRD, FitNet, RKD, TRG, DMAE), mixup (MixKD), a trained teacher (BDKD), their own
-#: training_loss/step (GTSelfDistill, SwingKD, TGeoKD), and AdaKD/TAID, which override training_step (they
-#: call the base's, so they could opt in with ``uses_teacher_logits_only = True``); the language-model methods
-#: (token batches, no finite view space).
-REFUSED = [AT, CRD, FitNet, RKD, TRG, DMAE, MixKD, BDKD, GTSelfDistill, SwingKD, TGeoKD, AdaKD, TAID]
+#: training_loss/step (GTSelfDistill, SwingKD, TGeoKD), and the language-model methods (token batches, no finite
+#: view space). AdaKD and TAID override training_step but call the base's: they opt in.
+REFUSED = [AT, CRD, FitNet, RKD, TRG, DMAE, MixKD, BDKD, GTSelfDistill, SwingKD, TGeoKD]
 REFUSED += [LMDistillationModule, LMDistill, OnPolicyDistill, DecoupledKLDistill]
 
 

@@ -40,6 +40,10 @@ class TAID(DistillationModule):
         student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
     """
 
+    #: Its step needs nothing of the teacher but its logits (it wraps the base's training step): a
+    #: :class:`~kd_lightning.callbacks.TeacherLogitCache` may serve them.
+    uses_teacher_logits_only = True
+
     def __init__(
         self,
         student: nn.Module,
