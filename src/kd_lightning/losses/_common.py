@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -44,6 +45,13 @@ def check_temperature(temperature: float, name: str = "temperature") -> None:
 def upcast(x: Tensor) -> Tensor:
     """float16/bfloat16 to float32: softmax, logs and KL are computed in at least single precision."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def label_cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of ``[..., C]`` logits against ``[...]`` labels, in at least float32."""
+    return F.cross_entropy(
+        upcast(logits.reshape(-1, logits.shape[-1])), target.reshape(-1), label_smoothing=label_smoothing
+    )
 
 
 def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:

@@ -6,12 +6,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from kd_lightning.data.base import targets_of
 from kd_lightning.errors import KDConfigError
+from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.contrastive import SAMPLING_MODES, CRDLoss, Sampling
 from kd_lightning.losses.logit import kd_kl_div
 from kd_lightning.methods.feature_base import FeatureDistillationModule, default_layers
@@ -269,7 +269,7 @@ class CRD(FeatureDistillationModule):
         if not self._indices_checked:
             self._check_indices(index)
         crd = self.crd(student_feats[0], teacher_feats[0], index, update=True)["loss"]
-        ce = F.cross_entropy(student_logits.float(), target)
+        ce = label_cross_entropy(student_logits, target)
         parts = {"ce": self.ce_weight * ce, "crd": self.crd_weight * crd}
         if self.kd_weight > 0:
             parts["kd"] = self.kd_weight * kd_kl_div(

@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
-from kd_lightning.losses._common import upcast
+from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.feature import hint_loss
 from kd_lightning.methods.feature_base import FeatureDistillationModule, default_layers
 
@@ -183,7 +182,7 @@ class FitNet(FeatureDistillationModule):
         target: Tensor,
         batch: Any,
     ) -> dict[str, Tensor]:
-        ce = F.cross_entropy(upcast(student_logits.reshape(-1, student_logits.shape[-1])), target.reshape(-1))
+        ce = label_cross_entropy(student_logits, target)
         terms = [hint_loss(reg(s), t) for reg, s, t in zip(self.regressors, student_feats, teacher_feats)]
         hint = self.hint_weight * sum(terms[1:], terms[0])
         ce = self.ce_weight * ce

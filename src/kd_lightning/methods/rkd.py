@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
-from kd_lightning.losses._common import upcast
+from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.relation import RKDLoss
 from kd_lightning.methods.feature_base import FeatureDistillationModule
 from kd_lightning.methods.fitnet import check_pairs, stage_layers
@@ -87,9 +86,7 @@ class RKD(FeatureDistillationModule):
         target: Tensor,
         batch: Any,
     ) -> dict[str, Tensor]:
-        ce = self.ce_weight * F.cross_entropy(
-            upcast(student_logits.reshape(-1, student_logits.shape[-1])), target.reshape(-1)
-        )
+        ce = self.ce_weight * label_cross_entropy(student_logits, target)
         pairs = [self.criterion(s, t) for s, t in zip(student_feats, teacher_feats)]
         distance = self.rkd_weight * torch.stack([p["distance"] for p in pairs]).sum()
         angle = self.rkd_weight * torch.stack([p["angle"] for p in pairs]).sum()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.methods.base import ClassificationModule
 
 
@@ -40,7 +40,5 @@ class Supervised(ClassificationModule):
     def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         x, y = self.unpack(batch)
         logits = self.model(x)
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), label_smoothing=self.label_smoothing
-        )
+        ce = label_cross_entropy(logits, y, self.label_smoothing)
         return {"loss": ce, "ce": ce}, logits
