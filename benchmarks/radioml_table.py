@@ -45,7 +45,7 @@ STUDENTS = [
 
 def synthesize(out: Path, frames: int, snrs: list[int], seed: int) -> Path:
     """Write a synthetic RML2016.10a-layout pickle with ``kd radioml-synth``; returns its folder."""
-    from kd_lightning.data.radioml_synth import main as synth_main
+    from kd_lightning.commands.radioml_synth import main as synth_main
 
     root = out / "data"
     started = time.perf_counter()
@@ -57,7 +57,7 @@ def synthesize(out: Path, frames: int, snrs: list[int], seed: int) -> Path:
 
 def run_one(config: str, name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     from kd_lightning.cli import run
-    from kd_lightning.model_stats import model_stats
+    from kd_lightning.commands.model_stats import model_stats
 
     stem = Path(config).stem
     overrides = [

@@ -49,8 +49,7 @@ from torch import nn
 
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.data.base import TensorImageDataset
-from kd_lightning.methods.base import ClassificationModule
-from kd_lightning.methods.supervised import Supervised
+from kd_lightning.methods import DistillationModule, Supervised
 from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.vanilla_kd import VanillaKD
 from kd_lightning.models import SmallCNN
@@ -162,7 +161,7 @@ def measure(name: str, model: nn.Module, dm: CanaryDigits, fit_seconds: float) -
     }
 
 
-def fit(module: ClassificationModule, dm: CanaryDigits, epochs: int, seed: int) -> float:
+def fit(module: DistillationModule, dm: CanaryDigits, epochs: int, seed: int) -> float:
     L.seed_everything(seed, verbose=False)
     started = time.perf_counter()
     trainer(epochs).fit(module, datamodule=dm)
@@ -184,7 +183,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     opt, sched = optimiser(args.epochs)
     w_kd = args.kd_weight
     swing_common = dict(privacy_scores=dm.privacy, t_min=args.temperature, t_max=args.t_max, alpha=w_kd)
-    variants: dict[str, Callable[[], ClassificationModule]] = {
+    variants: dict[str, Callable[[], DistillationModule]] = {
         "KD": lambda: VanillaKD(
             student(args.student_widths), teacher_net, temperature=args.temperature,
             ce_weight=1 - w_kd, kd_weight=w_kd, optimizer=opt, lr_scheduler=sched,

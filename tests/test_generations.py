@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.cli import main
-from kd_lightning.generations import format_table, parse_alpha
-from kd_lightning.teachers import load_weights
+from kd_lightning.commands import main
+from kd_lightning.commands.generations import format_table, parse_alpha
+from kd_lightning.models.checkpoints import load_weights
 from tests.helpers.cli import CONFIGS_DIR, TINY
 
 CONFIG = str(CONFIGS_DIR / "digits_self_distill.yaml")
@@ -56,7 +56,7 @@ def test_two_generations_auto_alpha(in_tmp: Path) -> None:
 
 
 def main_rows(extra: list[str]) -> list[dict]:
-    from kd_lightning.generations import main as generations_main
+    from kd_lightning.commands.generations import main as generations_main
 
     return generations_main(["--config", CONFIG, *extra, *TINY_GENERATIONS])
 

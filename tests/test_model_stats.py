@@ -7,8 +7,8 @@ import json
 import pytest
 from torch import nn
 
-from kd_lightning.cli import main as kd_main
-from kd_lightning.model_stats import build_model, main, model_stats, parse_model_spec
+from kd_lightning.commands import main as kd_main
+from kd_lightning.commands.model_stats import build_model, main, model_stats, parse_model_spec
 
 
 def test_linear_layer_macs_and_params() -> None:

@@ -1,6 +1,6 @@
-"""``python -m kd_lightning`` is ``kd``."""
+"""``python -m kd_lightning ...`` is the ``kd`` command."""
 
-from kd_lightning.cli import main
+from kd_lightning.commands import main
 
 if __name__ == "__main__":
     main()

@@ -1,41 +1,64 @@
-"""The ``kd`` and ``kd-fit`` command lines: LightningCLI with kd-lightning's teacher lifecycle.
+"""``kd fit`` / ``kd-fit``: LightningCLI with kd-lightning's teacher lifecycle and one-line errors.
 
-``kd fit --config configs/cifar100_pld.yaml`` (or ``kd-fit --config ...``) parses the config into a
-method (``model:``), a data module (``data:``) and a ``lightning.Trainer`` (``trainer:``), all with
-the stock LightningCLI semantics: ``--print_config``, dotted overrides, ``--trainer.precision``,
-``--trainer.strategy ddp``. On top of it:
+``kd fit --config configs/cifar100_pld.yaml`` parses the config into a method (``model:``), a data module
+(``data:``) and a ``lightning.Trainer`` (``trainer:``) with the stock LightningCLI semantics:
+``--print_config``, dotted overrides, ``--trainer.precision``, ``--trainer.strategy ddp``. On top of it:
 
-- ``data.num_classes`` is linked into ``model.init_args.num_classes``;
-- a distillation teacher without ``teacher_ckpt`` is trained first (``teacher_training:``) and
-  cached under a fingerprint of its config, the data and the training settings;
-- ``--test_after_fit true`` evaluates the best checkpoint on the test split after fitting;
-- the run ends with a summary: teacher and student accuracy, checkpoints and logs.
+- a teacher without ``teacher_ckpt`` is trained first with the method's own task (``teacher_training:``)
+  and cached (:mod:`kd_lightning.teachers.training`);
+- ``--test_after_fit`` evaluates the best checkpoint on the validation and test splits after fitting, so
+  every number of the end-of-run summary names the checkpoint it comes from;
+- ``--trust_checkpoint`` is the only way to fully unpickle a checkpoint (files are read with
+  ``weights_only=True`` otherwise);
+- resuming (``--ckpt_path .../last.ckpt``) continues in the same log folder, with the data order of an
+  uninterrupted run;
+- configuration errors end as one line, ``kd: error: <field>: <problem>. <fix>`` (:func:`explain`).
+
+The ``kd`` entry point with its extra commands is :mod:`kd_lightning.commands`; :func:`run` drives the CLI
+in-process (tests, notebooks).
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
+import difflib
+import inspect
+import pickle
+import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import namespace_to_dict
+import lightning as L
+from jsonargparse import ArgumentParser, namespace_to_dict
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 # Imported so that short class names (``class_path: PLD``, ``ResNet8x4``, ``DigitsDataModule``) resolve.
 import kd_lightning.callbacks
+import kd_lightning.data
+import kd_lightning.methods
 import kd_lightning.models  # noqa: F401
-from kd_lightning.data import KDDataModule
-from kd_lightning.errors import DatasetChecksumError, DatasetNotFoundError, KDConfigError, TeacherCheckpointError
-from kd_lightning.methods import ClassificationModule, DistillationModule
-from kd_lightning.teacher_cache import TeacherTraining, data_fingerprint_config, fingerprint
-from kd_lightning.teachers import check_checkpoint_exists
+from kd_lightning.errors import (
+    DatasetChecksumError,
+    DatasetNotFoundError,
+    KDConfigError,
+    TeacherCheckpointError,
+    TrainingDivergedError,
+    last_config_error,
+    one_line,
+)
+from kd_lightning.methods.core import DistillationModule, config_managed
+from kd_lightning.models.checkpoints import TRUST_HELP, check_checkpoint_exists, read_checkpoint, trusted_checkpoints
+from kd_lightning.teachers.fingerprint import data_fingerprint_config, fingerprint, resolved
+from kd_lightning.teachers.training import TeacherTraining
+
+__all__ = ["KDCLI", "USER_ERRORS", "explain", "run"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-USER_ERRORS = (KDConfigError, DatasetNotFoundError, DatasetChecksumError, TeacherCheckpointError)
+#: Errors that are the user's to fix: printed as one line, exit status 2.
+USER_ERRORS = (KDConfigError, DatasetNotFoundError, DatasetChecksumError, TeacherCheckpointError, TrainingDivergedError)
 
 
 def _as_dict(value: Any) -> Any:
@@ -48,9 +71,9 @@ def _as_dict(value: Any) -> Any:
 class KDCLI(LightningCLI):
     """LightningCLI for kd-lightning methods (subclass mode for model and data).
 
-    After ``fit``, ``results`` holds the final validation metrics (and the test metrics with
-    ``--test_after_fit true``) and ``fit_seconds`` the wall time of ``trainer.fit`` alone
-    (without training a missing teacher).
+    After ``fit``, ``results`` holds the final metrics (``val/...`` of the last epoch; with ``test_after_fit``,
+    ``best/val/...`` and ``best/test/...`` of the best checkpoint, or of the last weights without one) and
+    ``fit_seconds`` the wall time of ``trainer.fit`` alone (without training a missing teacher).
     """
 
     results: dict[str, float]
@@ -58,44 +81,112 @@ class KDCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = kwargs.pop("parser_kwargs", {}) or {}
+        parser_kwargs.setdefault("exit_on_error", False)
+        for subcommand in SUBCOMMANDS:
+            parser_kwargs.setdefault(subcommand, {}).setdefault("exit_on_error", False)
         super().__init__(
-            ClassificationModule,
-            KDDataModule,
+            DistillationModule,
+            L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            parser_kwargs=parser_kwargs,
             **kwargs,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_class_arguments(TeacherTraining, "teacher_training")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
-            default=False,
-            help="After fit, evaluate the best checkpoint (or the last weights) on the test split.",
+            default=True,
+            help="After fit, evaluate the best checkpoint (or the last weights) on the validation and test splits.",
         )
+        parser.add_argument("--trust_checkpoint", type=bool, default=False, help=TRUST_HELP)
+
+    # ------------------------------------------------------------------ parsing and early checks
+    def _subconfig(self) -> Any:
+        return self.config.get(self.subcommand) if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
-        """Fail before building anything when a named teacher checkpoint does not exist."""
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        """Fail before building anything on a missing/unreadable checkpoint or a run that cannot train."""
+        config = self._subconfig()
         init_args = (config.get("model") or {}).get("init_args") or {}
-        path = init_args.get("teacher_ckpt") if hasattr(init_args, "get") else None
-        if path:
-            check_checkpoint_exists(path, "model.init_args.teacher_ckpt")
+        paths = init_args.get("teacher_ckpt") if hasattr(init_args, "get") else None
+        if isinstance(paths, str):
+            check_checkpoint_exists(paths, "model.init_args.teacher_ckpt")
+        elif hasattr(paths, "items"):
+            for name, path in paths.items():
+                if path:
+                    check_checkpoint_exists(path, f"model.init_args.teacher_ckpt.{name}")
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path:
+            with trusted_checkpoints(bool(config.get("trust_checkpoint"))):
+                read_checkpoint(ckpt_path, "ckpt_path")  # readable, and safe unless trusted
+        trainer = config.get("trainer") or {}
+        max_epochs = trainer.get("max_epochs")
+        if self.subcommand == "fit":
+            if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
+                raise KDConfigError("trainer.max_epochs", f"must be >= 1 to train, got {max_epochs}")
+            if trainer.get("max_steps") == 0:
+                raise KDConfigError("trainer.max_steps", "is 0: nothing would be trained", "set it >= 1 or -1")
+            if ckpt_path:
+                self._resume_in_place(config, Path(ckpt_path))
+        if self.subcommand in ("validate", "test", "predict") and not ckpt_path:
+            raise KDConfigError(
+                "ckpt_path",
+                f"kd {self.subcommand} evaluates trained weights, and none were given",
+                "pass --ckpt_path runs/.../checkpoints/best-... .ckpt (kd fit prints it)",
+            )
+        if config.get("optimizer") or config.get("lr_scheduler"):
+            raise KDConfigError(
+                "optimizer",
+                "a top-level --optimizer/--lr_scheduler would silently replace the method's own",
+                "set model.init_args.optimizer (and model.init_args.lr_scheduler) instead",
+            )
+
+    @staticmethod
+    def _resume_in_place(config: Any, ckpt_path: Path) -> None:
+        """Resuming ``<save_dir>/<name>/version_N/checkpoints/last.ckpt`` logs into ``version_N`` again."""
+        logger = (config.get("trainer") or {}).get("logger")
+        match = re.fullmatch(r"version_(\d+)", ckpt_path.resolve().parent.parent.name)
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if match and init_args is not None and "version" in init_args and init_args.get("version") is None:
+            init_args["version"] = int(match.group(1))
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a configuration error raised in a constructor surfaces as itself."""
+        last_config_error(reset=True)
+        try:
+            with config_managed(), trusted_checkpoints(bool(self._subconfig().get("trust_checkpoint"))):
+                super().instantiate_classes()
+        except USER_ERRORS:
+            raise
+        except Exception as err:
+            cause = last_config_error(reset=True)
+            if cause is not None:
+                raise cause from None
+            raise explain(str(err)) from None
 
     # ------------------------------------------------------------------ teacher lifecycle
     def before_fit(self) -> None:
-        self._prepare_teacher()
+        with trusted_checkpoints(bool(self._subconfig().get("trust_checkpoint"))):
+            self._prepare_teachers()
         self.fit_started = time.perf_counter()
 
-    def _prepare_teacher(self) -> None:
+    def _prepare_teachers(self) -> None:
         model = self.model
-        config = self.config[self.subcommand]
-        if not isinstance(model, DistillationModule) or model.trains_teacher:
+        config = self._subconfig()
+        if not isinstance(model, DistillationModule) or model.trains_teacher or not len(model.teachers):
             return
-        if model.teacher_ckpt is not None or config.get("ckpt_path"):
-            return  # weights come from teacher_ckpt, or from the resumed checkpoint
+        if config.get("ckpt_path"):
+            return  # every weight comes from the resumed checkpoint
+        given = model.teacher_ckpt if isinstance(model.teacher_ckpt, dict) else {}
+        if isinstance(model.teacher_ckpt, str):
+            return
+        missing = [name for name in model.teachers if not given.get(name)]
+        if not missing:
+            return
         settings: TeacherTraining = self.config_init[self.subcommand]["teacher_training"]
         if not settings.enabled:
             rank_zero_only(print)(
@@ -103,39 +194,66 @@ class KDCLI(LightningCLI):
                 "the teacher is used as constructed (e.g. pretrained weights)."
             )
             return
-        teacher_config = _as_dict(config["model"]["init_args"]["teacher"])
-        data_config = data_fingerprint_config(_as_dict(config["data"]))
-        training_config = {
-            k: v for k, v in _as_dict(config["teacher_training"]).items() if k not in ("cache_dir", "wait_seconds")
-        }
+        init_args = config["model"]["init_args"]
+        data_config = data_fingerprint_config(config["data"])
         data_config["identity"] = self.datamodule.data_identity() if hasattr(self.datamodule, "data_identity") else {}
-        key = fingerprint({"teacher": teacher_config, "data": data_config, "training": training_config})
+        training_config = {
+            k: v
+            for k, v in resolved(config["teacher_training"]).items()
+            if k not in ("cache_dir", "wait_seconds", "enabled")
+        }
         trainer_config = config["trainer"]
-        path, trained_now = settings.ensure(
-            model.teacher,
-            self.datamodule,
-            key,
-            accelerator=trainer_config.get("accelerator") or "auto",
-            precision=trainer_config.get("precision"),
-            description={"teacher": teacher_config, "data": data_config, "training": training_config},
-            progress_bar=trainer_config.get("enable_progress_bar"),
-        )
-        model.load_teacher(path)
-        model.teacher_ckpt = str(path)
-        model.hparams["teacher_ckpt"] = str(path)
-        verb = "trained and cached" if trained_now else "reused cached"
-        rank_zero_only(print)(f"kd: {verb} teacher {path}")
+        for name in missing:
+            field = (
+                "model.init_args.teacher" if list(model.teachers) == ["teacher"] else f"model.init_args.teachers.{name}"
+            )
+            teacher_config = resolved(
+                init_args["teacher"] if field.endswith(".teacher") else init_args["teachers"][name]
+            )
+            description = {
+                "teacher": teacher_config,
+                "task": getattr(type(model).teacher_training_module, "__name__", None),
+                "data": data_config,
+                "training": training_config,
+            }
+            key = fingerprint(description)
+            path, trained_now = settings.ensure(
+                type(model),
+                model.teachers[name],
+                self.datamodule,
+                key,
+                accelerator=trainer_config.get("accelerator") or "auto",
+                precision=trainer_config.get("precision"),
+                description=description,
+                progress_bar=trainer_config.get("enable_progress_bar"),
+                field=field,
+            )
+            model.set_teacher_checkpoint(name, path)
+            verb = "trained and cached" if trained_now else "reused cached"
+            rank_zero_only(print)(f"kd: {verb} teacher {path}", flush=True)
 
+    # ------------------------------------------------------------------ results
     def after_fit(self) -> None:
         trainer = self.trainer
         self.fit_seconds = time.perf_counter() - self.fit_started
+        metrics = trainer.callback_metrics
         results: dict[str, Any] = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1
+            k: float(v) for k, v in metrics.items() if k.startswith(("val/", "train/")) and v.numel() == 1
         }
-        if self.config[self.subcommand].get("test_after_fit"):
+        results["last_epoch"] = float(trainer.current_epoch)
+        if self._subconfig().get("test_after_fit"):
             best = self._best_checkpoint()
-            tested = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
-            results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+            for stage, evaluate in (("val", trainer.validate), ("test", trainer.test)):
+                if stage == "test" and not _has_split(self.datamodule, "test"):
+                    continue
+                values = evaluate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+                results.update({f"best/{k}": float(v) for k, v in (values[0] if values else {}).items()})
+                if best is None:
+                    results.update(
+                        {k: float(v) for k, v in (values[0] if values else {}).items() if k.startswith("test/")}
+                    )
+            # Keep the plain names of the test metrics too (benchmarks read them).
+            results.update({k[len("best/") :]: v for k, v in list(results.items()) if k.startswith("best/test/")})
         self.results = results
         self._print_summary(results, self.trainer.log_dir)  # log_dir is a collective: every rank calls it
 
@@ -148,36 +266,78 @@ class KDCLI(LightningCLI):
     @rank_zero_only
     def _print_summary(self, results: dict[str, Any], log_dir: str | None) -> None:
         model = self.model
-        lines = ["", "kd: fit finished"]
-        if isinstance(model, DistillationModule):
-            meta = TeacherTraining.read_meta(Path(model.teacher_ckpt)) if model.teacher_ckpt else {}
-            teacher_line = f"  teacher {type(model.teacher).__name__}: val acc {_pct(results.get('val/teacher_acc'))}"
-            if "test/teacher_acc" in results:
-                teacher_line += f", test acc {_pct(results['test/teacher_acc'])}"
-            if meta.get("val_acc") is not None:
-                teacher_line += f" (at its own training: {_pct(meta['val_acc'])})"
-            lines.append(teacher_line)
-            lines.append(f"  teacher checkpoint: {model.teacher_ckpt or 'as constructed'}")
-        student_line = f"  {'student' if isinstance(model, DistillationModule) else 'model'} "
-        student_line += f"{type(model.network).__name__}: "
-        if "val/acc" not in results and "val/loss" in results:  # e.g. MAE pre-training: no classifier to score
-            student_line += f"val loss {results['val/loss']:.4f}"
-        else:
-            student_line += f"val acc {_pct(results.get('val/acc'))}"
-        if "test/acc" in results:
-            student_line += f", test acc {_pct(results['test/acc'])}"
-        if "val/agreement" in results:
-            student_line += f", top-1 agreement with teacher {_pct(results['val/agreement'])}"
-        lines.append(student_line)
+        primary = _primary_metric(results)
+        network = type(model.network).__name__ if isinstance(model, DistillationModule) else type(model).__name__
+        role = "student" if isinstance(model, DistillationModule) and len(model.teachers) else "model"
+        epochs = int(results.get("last_epoch", 0))
+        lines = ["", f"kd: fit finished ({epochs} epochs, {self.fit_seconds:.1f} s)"]
+        best = self._best_checkpoint()
+        if any(k.startswith("best/") for k in results):
+            where = f"best checkpoint (epoch {_checkpoint_epoch(best)})" if best else "last weights"
+            line = f"  {role} {network}, {where}: " + _metric_line(results, "best/val/", primary, "val")
+            if any(k.startswith("best/test/") for k in results):
+                line += ", " + _metric_line(results, "best/test/", primary, "test")
+            lines.append(line)
+        lines.append(f"  {role} {network}, last epoch ({epochs - 1}): " + _metric_line(results, "val/", primary, "val"))
+        if role == "student":
+            prefix = "best/" if "best/val/teacher_acc" in results else ""
+            teacher = f"  teacher {type(model.teacher).__name__}: "
+            teacher += _metric_line(results, f"{prefix}val/teacher_", "acc", "val")
+            if f"{prefix}test/teacher_acc" in results:
+                teacher += ", " + _metric_line(results, f"{prefix}test/teacher_", "acc", "test")
+            ckpt = model.teacher_ckpt
+            teacher += f" ({ckpt if ckpt else 'as constructed'})"
+            lines.append(teacher)
         callback = self.trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint):
+        if isinstance(callback, ModelCheckpoint) and (callback.best_model_path or callback.last_model_path):
+            parts = []
             if callback.best_model_path:
-                score = f"{callback.monitor}={float(callback.best_model_score):.4f}"
-                lines.append(f"  best checkpoint: {callback.best_model_path} ({score})")
+                parts.append(
+                    f"best {callback.best_model_path} ({callback.monitor}={float(callback.best_model_score):.4f})"
+                )
             if callback.last_model_path:
-                lines.append(f"  last checkpoint: {callback.last_model_path}")
+                parts.append(f"last {callback.last_model_path}")
+            lines.append("  checkpoints: " + ", ".join(parts))
         lines.append(f"  logs: {log_dir}")
         print("\n".join(lines), flush=True)
+
+
+def _checkpoint_epoch(path: str | None) -> str:
+    """The epoch stored in a Lightning checkpoint (``?`` when it cannot be read)."""
+    if not path:
+        return "?"
+    try:
+        import torch
+
+        return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", "?"))
+    except Exception:
+        return "?"
+
+
+def _has_split(datamodule: Any, stage: str) -> bool:
+    if datamodule is None:
+        return False
+    method = getattr(type(datamodule), f"{stage}_dataloader", None)
+    if method is None or method is getattr(L.LightningDataModule, f"{stage}_dataloader", None):
+        return False
+    return getattr(datamodule, f"{stage}_set", True) is not None
+
+
+def _primary_metric(results: dict[str, Any]) -> str:
+    """The metric the summary leads with: accuracy when there is one, else perplexity, else the loss."""
+    for name in ("acc", "ppl", "loss"):
+        if any(k.endswith("/" + name) for k in results):
+            return name
+    return "loss"
+
+
+def _metric_line(results: dict[str, Any], prefix: str, primary: str, label: str = "val") -> str:
+    value = results.get(prefix + primary)
+    text = f"{label} {primary} " + (_pct(value) if primary == "acc" else ("n/a" if value is None else f"{value:.4f}"))
+    agreement = results.get(prefix + "agreement")
+    if agreement is not None and "teacher_" not in prefix:
+        text += f", agreement with teacher {_pct(agreement)}"
+    return text
 
 
 def _pct(value: float | None) -> str:
@@ -189,37 +349,123 @@ def run(args: list[str] | None = None) -> KDCLI:
     return KDCLI(args=args)
 
 
-#: Commands beyond LightningCLI's: ``kd <name> ...`` runs ``module:function(argv)``.
-EXTRA_COMMANDS = {
-    "generations": ("kd_lightning.generations", "main"),
-    "radioml-synth": ("kd_lightning.data.radioml_synth", "main"),
-    "model-stats": ("kd_lightning.model_stats", "main"),
-    "lm-teacher-logits": ("kd_lightning.data.teacher_logits", "main"),
-}
+# ---------------------------------------------------------------------------------------------- errors
+def explain(message: str) -> KDConfigError:
+    """Turn a jsonargparse/LightningCLI parse error into one ``<field>: <problem>. <fix>`` line.
+
+    Recognises unknown options (with ``did you mean`` suggestions from the class's accepted arguments),
+    unknown classes (listing what kd-lightning ships for that slot), wrong value types and unrecognised
+    command-line flags; anything else is condensed to its most specific line.
+    """
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    path = _error_path(lines)
+    text = "\n".join(lines)
+    match = re.search(r"Option '([^']+)' is not accepted|Key \"([^\"]+)\" is not expected", text)
+    if match:
+        name = match.group(1) or match.group(2)
+        owner = _last_class(lines)
+        choices = _accepted_arguments(owner) if owner is not None else []
+        hint = _did_you_mean(name, choices) or (
+            f"{owner.__name__} accepts {', '.join(choices[:12])}"
+            if owner is not None and choices
+            else "see kd fit --help"
+        )
+        where = f"{path}.init_args.{name}" if path else name
+        return KDConfigError(where, f"unknown option{f' of {owner.__name__}' if owner else ''}", hint)
+    match = re.search(r"Expected a dot import path string: (\S+)|Import path (\S+) does not", text)
+    if match:
+        name = (match.group(1) or match.group(2)).strip("'\"")
+        known = _known_classes(path)
+        hint = _did_you_mean(name.split(".")[-1], known) or ""
+        listing = f"kd-lightning ships {', '.join(known[:40])}" if known else "give a full import path"
+        return KDConfigError(path or "class_path", f"unknown class {name!r}", f"{hint + '; ' if hint else ''}{listing}")
+    match = re.search(r"unrecognized arguments: (.+)", text)
+    if match:
+        flag = match.group(1).split()[0].split("=")[0]
+        return KDConfigError(flag.lstrip("-"), "unknown command-line option", "run kd fit --help for the options")
+    match = re.search(r"Expected a (<class '([^']+)'>|[^.]+?)\. Got value: (.+)", text)
+    if match:
+        wanted = match.group(2) or match.group(1)
+        return KDConfigError(path or "value", f"expected {wanted}, got {match.group(3)!r}")
+    match = re.search(r"(?:Not a valid path|not accessible or invalid|does not exist)[^\n]*", text)
+    if match:
+        return KDConfigError(path or "config", one_line(match.group(0), 200))
+    specific = [
+        ln
+        for ln in lines
+        if not ln.startswith(
+            ("Parser key", "Given value", "Subtypes", "Errors", "- Expected a <class 'NoneType'>", "Does not validate")
+        )
+    ]
+    return KDConfigError(path or "config", one_line(specific[-1] if specific else text, 300), "see kd fit --help")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``kd``: ``kd {fit,validate,test,predict} --config ...``, plus ``EXTRA_COMMANDS``."""
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module_name, function = EXTRA_COMMANDS[argv[0]]
-        getattr(importlib.import_module(module_name), function)(argv[1:])
-        return
-    if argv and argv[0] in ("-h", "--help"):
-        print("Extra commands: " + ", ".join(f"kd {name} --help" for name in EXTRA_COMMANDS) + "\n")
+def _error_path(lines: list[str]) -> str:
+    parts: list[str] = []
+    for line in lines:
+        match = re.match(r'(?:error: )?Parser key "([^"]+)"', line)
+        if match:
+            key = match.group(1)
+            parts.append(key if not parts else f"init_args.{key}")
+    return ".".join(parts)
+
+
+def _last_class(lines: list[str]) -> type | None:
+    for line in reversed(lines):
+        match = re.search(r"Problem with given class_path '([^']+)'", line)
+        if match:
+            return _import(match.group(1))
+    return None
+
+
+def _import(path: str) -> type | None:
+    import importlib
+
+    module, _, name = path.rpartition(".")
     try:
-        KDCLI(args=args)
-    except USER_ERRORS as err:
-        print(f"kd: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return getattr(importlib.import_module(module), name)
+    except Exception:
+        return None
 
 
-def fit_main() -> None:
-    """Entry point of ``kd-fit``: ``kd fit`` unless another subcommand is given first."""
-    if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:
-        sys.argv.insert(1, "fit")
-    main()
+def _accepted_arguments(cls: type) -> list[str]:
+    """Init arguments ``cls`` accepts, its parents' passed through ``**kwargs`` included."""
+    try:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, fail_untyped=False, sub_configs=True)
+        names = {key.split(".")[0] for key in namespace_to_dict(parser.get_defaults())}
+        return sorted(names)
+    except Exception:
+        names = set()
+        for klass in inspect.getmro(cls):
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                names.update(p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs"))
+        return sorted(names)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def _did_you_mean(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?" if close else ""
+
+
+def _known_classes(path: str) -> list[str]:
+    """Short names kd-lightning registers for a config slot: methods, data modules or networks."""
+    import kd_lightning.data as data
+    import kd_lightning.methods as methods
+    import kd_lightning.models as models
+
+    if path == "model":
+        return sorted(methods.__all__)
+    if path == "data":
+        return sorted(n for n in data.__all__ if n.endswith("DataModule"))
+    return sorted(n for n in models.__all__ if n[:1].isupper())
+
+
+def checkpoint_problem(err: BaseException) -> KDConfigError | None:
+    """A one-line error for an unpickling failure of ``ckpt_path`` (Lightning loads it itself)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return KDConfigError(
+            "ckpt_path", one_line(str(err), 200), "pass --trust_checkpoint true only for your own files"
+        )
+    return None

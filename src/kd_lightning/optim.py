@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from kd_lightning.errors import KDConfigError
+
 __all__ = ["WarmupCosineLR"]
 
 
@@ -34,7 +36,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         if not 0 <= warmup_epochs < max_epochs:
-            raise ValueError(
+            raise KDConfigError(
                 f"WarmupCosineLR needs 0 <= warmup_epochs < max_epochs, got {warmup_epochs}, {max_epochs}."
             )
         self.warmup_epochs, self.max_epochs, self.eta_min = warmup_epochs, max_epochs, eta_min

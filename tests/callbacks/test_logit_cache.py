@@ -37,22 +37,26 @@ from kd_lightning.methods import (
     TRG,
     AdaKD,
     BiLD,
+    ClassificationDistillation,
     DBiLD,
     DecoupledKLDistill,
     FitNet,
     GTSelfDistill,
     KLMixingKD,
+    LanguageModelDistillation,
     LMDistill,
-    LMDistillationModule,
+    LMSupervised,
     LogitStandardKD,
+    MaskedImageDistillation,
     MixKD,
     OnPolicyDistill,
     SinKD,
+    Supervised,
     SwingKD,
     TGeoKD,
     VanillaKD,
 )
-from kd_lightning.teacher_logit_cache import ViewLogitStore, teacher_digest
+from kd_lightning.teachers.logit_cache import ViewLogitStore, teacher_digest
 from tests.data_generators import write_fake_cifar100
 from tests.helpers.tiny import BlobsDataModule, TinyNet, tiny_trainer
 
@@ -248,13 +252,19 @@ QUALIFIES = [VanillaKD, DKD, LogitStandardKD, PLD, BiLD, DBiLD, KLMixingKD, SinK
 #: training_loss/step (GTSelfDistill, SwingKD, TGeoKD), and the language-model methods (token batches, no finite
 #: view space). AdaKD and TAID override training_step but call the base's: they opt in.
 REFUSED = [AT, CRD, FitNet, RKD, TRG, DMAE, MixKD, BDKD, GTSelfDistill, SwingKD, TGeoKD]
-REFUSED += [LMDistillationModule, LMDistill, OnPolicyDistill, DecoupledKLDistill]
+REFUSED += [LMDistill, OnPolicyDistill, DecoupledKLDistill]
+#: Supervised training of one network: no teacher to replace.
+NO_TEACHER = [Supervised, LMSupervised]
+#: Task siblings of the core: bases, not methods.
+BASES = [ClassificationDistillation, LanguageModelDistillation, MaskedImageDistillation]
 
 
 def _bare(cls: type) -> L.LightningModule:
     module = cls.__new__(cls)  # decided from the class alone: no need to build each method
     L.LightningModule.__init__(module)
-    module.student, module.teacher = _nets()
+    student, teacher = _nets()
+    module.student = student
+    module.teachers = nn.ModuleDict({} if cls in NO_TEACHER else {"teacher": teacher})
     return module
 
 
@@ -266,12 +276,19 @@ def test_every_method_is_classified_for_the_cache() -> None:
         for n in methods.__all__
         if isinstance(getattr(methods, n), type) and issubclass(getattr(methods, n), methods.DistillationModule)
     } - {methods.DistillationModule}
-    assert distillers == set(QUALIFIES) | set(REFUSED), "classify new methods in QUALIFIES or REFUSED"
+    classified = set(QUALIFIES) | set(REFUSED) | set(NO_TEACHER) | set(BASES)
+    assert distillers == classified, "classify new methods in QUALIFIES or REFUSED"
 
 
 @pytest.mark.parametrize("cls", QUALIFIES, ids=lambda c: c.__name__)
 def test_logit_only_methods_qualify(cls: type) -> None:
     TeacherLogitCache.check_module(_bare(cls))
+
+
+@pytest.mark.parametrize("cls", NO_TEACHER, ids=lambda c: c.__name__)
+def test_supervised_modules_are_refused_for_having_no_teacher(cls: type) -> None:
+    with pytest.raises(KDConfigError, match=f"model {cls.__name__} has no teacher"):
+        TeacherLogitCache.check_module(_bare(cls))
 
 
 @pytest.mark.parametrize("cls", REFUSED, ids=lambda c: c.__name__)

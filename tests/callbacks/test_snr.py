@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 
 from kd_lightning.callbacks.snr import SNREvaluation, confusion_by_snr, summarize_by_snr
 from kd_lightning.data.base import KDDataModule
+from kd_lightning.methods import Supervised
 from kd_lightning.methods.skd import SKD
-from kd_lightning.methods.supervised import Supervised
 from tests.helpers.tiny import tiny_trainer
 
 # Eight frames, three classes, three SNRs. Student and teacher predictions are read off the frames.

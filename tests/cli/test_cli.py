@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.cli import main, run
+from kd_lightning.cli import run
+from kd_lightning.commands import main
 from kd_lightning.methods import DistillationModule, VanillaKD
 from kd_lightning.models import ResNet32x4
 from tests.data_generators import write_fake_cifar100
@@ -93,7 +94,7 @@ def test_quickstart_trains_teacher_once_then_reuses_it(in_tmp: Path, capsys: pyt
     assert "kd: trained and cached teacher runs/teachers/SmallCNN-" in out
     assert "kd: fit finished" in out and "teacher SmallCNN: val acc" in out and "student SmallCNN" in out
     teacher_path = Path(first.model.teacher_ckpt)
-    assert teacher_path.is_file() and (teacher_path.parent / "meta.json").is_file()
+    assert teacher_path.name == "teacher.safetensors" and (teacher_path.parent / "teacher.json").is_file()
 
     second = fit(["--config", QUICKSTART, *TINY_DIGITS])
     assert f"kd: reused cached teacher {teacher_path}" in capsys.readouterr().out
@@ -157,7 +158,7 @@ def test_class_count_mismatch_names_the_field(in_tmp: Path, capsys: pytest.Captu
         main(["fit", "--config", QUICKSTART, *TINY_DIGITS, "--model.init_args.student.init_args.num_classes=7"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "model.init_args.student (SmallCNN) outputs 7 classes but DigitsDataModule has 10" in err
+    assert "kd: error: model.init_args.student: SmallCNN outputs 7 classes but DigitsDataModule has 10" in err
     assert "num_classes=10" in err
 
 
@@ -171,14 +172,15 @@ def test_missing_teacher_checkpoint_is_an_error(in_tmp: Path, capsys: pytest.Cap
 
 def test_unknown_class_path_names_the_field(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run(["fit", "--config", QUICKSTART, "--model.init_args.student=NotAModel"])
+        main(["fit", "--config", QUICKSTART, "--model.init_args.student=NotAModel"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "student" in err and "NotAModel" in err
+    assert err.startswith("kd: error: model.init_args.student: unknown class 'NotAModel'") and "SmallCNN" in err
 
     with pytest.raises(SystemExit):
-        run(["fit", "--config", QUICKSTART, "--model=NotAMethod"])
-    assert "NotAMethod" in capsys.readouterr().err
+        main(["fit", "--config", QUICKSTART, "--model=VanilaKD"])
+    err = capsys.readouterr().err
+    assert "kd: error: model: unknown class 'VanilaKD'. did you mean 'VanillaKD'?" in err and "DKD" in err
 
 
 def test_console_scripts_help() -> None:

@@ -60,8 +60,9 @@ class _Tiny(KDDataModule):
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"val_split": 1.0}, "val_split"),
-        ({"val_split": -0.1}, "val_split"),
+        ({"meta_split": 1.0}, "meta_split"),
+        ({"meta_split": -0.1}, "meta_split"),
+        ({"meta_batch_size": 0}, "meta_batch_size"),
         ({"batch_size": 0}, "batch_size"),
         ({"eval_batch_size": 0}, "eval_batch_size"),
         ({"num_workers": -1}, "num_workers"),
@@ -172,5 +173,5 @@ def test_hold_out_is_stratified_disjoint_and_stable() -> None:
     full_counts = torch.bincount(full_targets, minlength=10)
     assert torch.all((held_counts - 0.1 * full_counts).abs() <= 1)
     assert dm.hold_out(0.1) is held  # idempotent
-    with pytest.raises(ValueError, match="fraction must be in"):
+    with pytest.raises(ValueError, match="fraction: must be in"):
         dm.hold_out(1.0)

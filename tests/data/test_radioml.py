@@ -323,7 +323,6 @@ def test_file_argument_and_2018_subfolder(files, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"val_split": 0.1}, "splits"),
         ({"splits": (0.5, 0.5, 0.5)}, "sum of 1"),
         ({"splits": (0.8, 0.0, 0.2)}, "val > 0"),
         ({"normalize": "zscore"}, "normalize"),
@@ -338,7 +337,7 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 
 def test_fits_with_a_lightning_module(files, tmp_path: Path) -> None:
     """Batches of three (x, y, snr) feed the method base classes unchanged."""
-    from kd_lightning.methods.supervised import Supervised
+    from kd_lightning.methods import Supervised
     from tests.helpers.tiny import TinyNet, tiny_trainer
 
     torch.manual_seed(0)

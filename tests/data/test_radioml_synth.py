@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_lightning.cli import main as kd_main
+from kd_lightning.commands import main as kd_main
 from kd_lightning.data.radioml import CLASSES, CLASSES_2018, FILE_NAMES, RadioMLDataModule
 from kd_lightning.data.radioml_synth import (
     _CONSTELLATIONS,

@@ -13,19 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from kd_lightning.commands.lm_teacher_logits import main
 from kd_lightning.data.teacher_logits import (
     TeacherLogitStore,
-    TopKTargets,
     data_fingerprint,
-    main,
-    sparse_kl,
     teacher_fingerprint,
-    topk_targets,
     write_teacher_logits,
 )
 from kd_lightning.data.text import TokenSequences, collate_token_batch
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.lm import forward_kl
+from kd_lightning.losses.sparse import TopKTargets, sparse_kl, topk_targets
 from kd_lightning.models.lm import TinyGPT
 
 V = 24
@@ -243,7 +241,7 @@ def test_command_on_a_tiny_gpt_teacher_and_tiny_text(in_tmp: Path) -> None:
         },
     }
     (in_tmp / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
-    from kd_lightning.cli import main as kd_main
+    from kd_lightning.commands import main as kd_main
 
     kd_main(["lm-teacher-logits", "--config", "config.yaml", "--out", "store", "--k", "8", "--device", "cpu"])
     header = json.loads((in_tmp / "store" / "header.json").read_text())

@@ -311,7 +311,7 @@ def test_hugging_face_tokenizer_from_a_local_folder(tmp_path: Path) -> None:
 def test_clear_configuration_errors(tmp_path: Path) -> None:
     with pytest.raises(KDConfigError, match="paths is empty"):
         TextDataModule()
-    with pytest.raises(KDConfigError, match="val_split"):
+    with pytest.raises(TypeError, match="val_split"):
         TextDataModule(paths="x", val_split=0.1)
     with pytest.raises(KDConfigError, match="data_format must be 'text'"):
         TextDataModule(source="stdlib", data_format="jsonl")

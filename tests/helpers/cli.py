@@ -18,9 +18,14 @@ TINY = [
     "--trainer.limit_val_batches=2",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
+    "--test_after_fit=false",
 ]
 #: TINY plus a one-epoch teacher and no test pass: for the digits configs.
-TINY_DIGITS = [*TINY, "--teacher_training.max_epochs=1", "--test_after_fit=false"]
+TINY_DIGITS = [*TINY, "--teacher_training.max_epochs=1"]
+
+
+#: The quickstart config as a tiny digits run (for CLI tests that need a complete, fast run).
+QUICKSTART_ARGS = ["--config", str(CONFIGS_DIR / "quickstart.yaml"), *TINY_DIGITS]
 
 
 def fit(args: list[str]) -> KDCLI:

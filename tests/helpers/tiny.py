@@ -35,8 +35,9 @@ class BlobsDataModule(KDDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         return_index: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         self.num_classes = num_classes
         self.per_class = per_class
         self.noise = noise

@@ -179,7 +179,7 @@ def test_bad_inputs_are_named() -> None:
         AdaKDLoss(min_ratio=0.5, initial_ratio=0.2)
     with pytest.raises(ValueError, match="divergence must be one of"):
         AdaKDLoss(divergence="tvd")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="base_temperature must be > 0"):
+    with pytest.raises(ValueError, match="base_temperature: must be a finite number > 0"):
         AdaKDLoss(base_temperature=0.0)
     with pytest.raises(ValueError, match="mask must have the items' shape"):
         AdaKDLoss()(torch.randn(2, 3, 4), torch.randn(2, 3, 4), mask=torch.ones(2, 4, dtype=torch.bool))

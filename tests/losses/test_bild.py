@@ -236,7 +236,7 @@ def test_dbild_student_led_k_source_and_gradient() -> None:
         ({"k_min": 5, "k_max": 4}, "k_max must be >= k_min"),
         ({"reverse_weight": 1.5}, r"reverse_weight must be in \[0, 1\]"),
         ({"k_source": "student"}, "k_source must be 'leader' or 'teacher'"),
-        ({"mass_temperature": 0.0}, "mass_temperature must be > 0"),
+        ({"mass_temperature": 0.0}, "mass_temperature: must be a finite number > 0"),
     ],
 )
 def test_dbild_bad_arguments(kwargs: dict, message: str) -> None:

@@ -308,7 +308,7 @@ def test_bad_arguments_are_named() -> None:
         chunked_distillation_loss(data["x"], data["w"], t, objective="skew_kl", alpha=1.0)
     with pytest.raises(ValueError, match="student's LM head has 13 rows and the teacher's vocabulary 14"):
         chunked_distillation_loss(data["x"], data["w"], torch.randn(N, V + 1))
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature: must be a finite number > 0"):
         chunked_distillation_loss(data["x"], data["w"], t, temperature=0.0)
     with pytest.raises(ValueError, match="ce_weight > 0 needs labels"):
         chunked_distillation_loss(data["x"], data["w"], t, ce_weight=0.5)

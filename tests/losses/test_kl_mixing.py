@@ -110,7 +110,7 @@ def test_half_precision_logits_are_computed_in_float32() -> None:
 def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="reverse_weight must be in"):
         MixedKLLoss(reverse_weight=1.5)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature: must be a finite number > 0"):
         MixedKLLoss(temperature=0.0)
     with pytest.raises(ValueError, match="needs a target"):
         MixedKLLoss(ce_weight=0.1)(torch.randn(2, 3), torch.randn(2, 3))

@@ -100,7 +100,7 @@ def test_target_shape_and_dtype_checked() -> None:
 
 @pytest.mark.parametrize("loss_cls", [KDLoss, DKDLoss, LogitStandardKDLoss, PLDLoss])
 def test_non_positive_temperature_rejected(loss_cls: type) -> None:
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature: must be a finite number > 0"):
         loss_cls(temperature=0.0)
 
 

@@ -15,10 +15,10 @@ from kd_lightning.losses.mae import (
     normalized_l1_loss,
     patchify,
     random_masking,
-    sincos_pos_embed_2d,
     unpatchify,
 )
 from kd_lightning.models.mae_decoder import MAEDecoder
+from kd_lightning.models.positional import sincos_pos_embed_2d
 
 
 # ---------------------------------------------------------------------------------------------- masking

@@ -72,7 +72,7 @@ def test_half_precision_logits_are_computed_in_float32() -> None:
 def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="alpha must be in"):
         SKDLoss(alpha=1.5)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature: must be a finite number > 0"):
         SKDLoss(temperature=0.0)
     with pytest.raises(ValueError, match="num_classes"):
         SKDLoss()(torch.randn(2, 11), torch.randn(2, 10), torch.tensor([0, 1]))

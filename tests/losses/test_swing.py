@@ -45,7 +45,7 @@ def test_per_item_temperatures_hand_computed() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"t_min": 0.0, "t_max": 1.0}, "t_min must be > 0"),
+        ({"t_min": 0.0, "t_max": 1.0}, "t_min: must be a finite number > 0"),
         ({"t_min": 4.0, "t_max": 2.0}, "t_max must be >= t_min"),
     ],
 )

@@ -195,7 +195,7 @@ def test_bad_inputs_are_named() -> None:
         edge_loss(torch.randn(1, 3, 2), torch.randn(1, 3, 4))
     with pytest.raises(ValueError, match=r"at least 2 nodes"):
         edge_loss(torch.randn(1, 1, 2), torch.randn(1, 1, 2))
-    with pytest.raises(ValueError, match=r"edge_temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"edge_temperature: must be a finite number > 0"):
         TRGLoss(edge_temperature=0.0)
     with pytest.raises(ValueError, match=r"num_sampled_tokens must be >= 1"):
         TRGLoss(num_sampled_tokens=0)

@@ -195,7 +195,7 @@ def test_bad_inputs_are_named() -> None:
         SinKDLoss(alpha=1.5)
     with pytest.raises(ValueError, match="kd_mode"):
         SinKDLoss(kd_mode="js")
-    with pytest.raises(ValueError, match="sinkhorn_temperature must be > 0"):
+    with pytest.raises(ValueError, match="sinkhorn_temperature: must be a finite number > 0"):
         SinKDLoss(sinkhorn_temperature=0.0)
     with pytest.raises(ValueError, match="square cost matrix"):
         sinkhorn_plan(torch.rand(2, 3), marginals="unit")

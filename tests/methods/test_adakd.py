@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from kd_lightning.errors import KDConfigError
+from kd_lightning.losses.adakd import AdaKDLoss
 from kd_lightning.methods.adakd import AdaKD
 from tests.helpers.cli import fit_config
 from tests.helpers.tiny import BlobsDataModule, TinyNet
@@ -22,7 +23,9 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 def method(**kwargs) -> AdaKD:
     torch.manual_seed(0)
-    return AdaKD(TinyNet(), TinyNet(hidden=32), optimizer=lambda p: torch.optim.Adam(p, lr=0.05), **kwargs)
+    return AdaKD(
+        TinyNet(), TinyNet(hidden=32), optimizer=lambda p: torch.optim.Adam(p, lr=0.05), loss=AdaKDLoss(**kwargs)
+    )
 
 
 # A student that learns fast from a random teacher: the AdaKD loss falls, so LATF shrinks r.
@@ -80,10 +83,12 @@ def test_one_update_per_optimizer_step_under_gradient_accumulation(tmp_path: Pat
 
 
 def test_bad_arguments_name_the_field() -> None:
-    with pytest.raises(KDConfigError, match=r"model.init_args.min_ratio"):
-        AdaKD(TinyNet(), TinyNet(), min_ratio=0.0)
-    with pytest.raises(KDConfigError, match=r"model.init_args.divergence"):
-        AdaKD(TinyNet(), TinyNet(), divergence="jsd")  # type: ignore[arg-type]
+    with pytest.raises(KDConfigError, match=r"min_ratio"):
+        AdaKDLoss(min_ratio=0.0)
+    with pytest.raises(KDConfigError, match=r"divergence"):
+        AdaKDLoss(divergence="jsd")  # type: ignore[arg-type]
+    with pytest.raises(KDConfigError, match=r"^model.init_args.teacher: AdaKD distils from a teacher and none"):
+        AdaKD(TinyNet(), None)
 
 
 def test_cli_fit_on_digits(in_tmp: Path) -> None:

@@ -92,19 +92,19 @@ def test_student_learns_and_metrics_logged(tmp_path: Path) -> None:
 
 def test_class_count_mismatch_named_at_setup(tmp_path: Path) -> None:
     module = PLD(student=TinyNet(num_classes=4), teacher=TinyNet(num_classes=10))
-    with pytest.raises(KDConfigError, match=r"model.init_args.teacher \(TinyNet\) outputs 10 classes .* has 4"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.teacher: TinyNet outputs 10 classes .* has 4"):
         tiny_trainer(tmp_path).fit(module, datamodule=BlobsDataModule(num_classes=4))
 
 
 def test_num_classes_argument_must_match_data(tmp_path: Path) -> None:
     module = PLD(student=TinyNet(), teacher=TinyNet(), num_classes=5)
-    with pytest.raises(KDConfigError, match=r"num_classes=5 but BlobsDataModule has 4"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.num_classes: is 5 but BlobsDataModule has 4 classes"):
         tiny_trainer(tmp_path).fit(module, datamodule=BlobsDataModule())
 
 
 def test_input_shape_mismatch_named(tmp_path: Path) -> None:
     module = PLD(student=TinyNet(in_features=64), teacher=TinyNet())
-    with pytest.raises(KDConfigError, match=r"model.init_args.student \(TinyNet\) fails on an input of shape"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.student: TinyNet fails on an input of shape"):
         tiny_trainer(tmp_path).fit(module, datamodule=BlobsDataModule())
 
 
@@ -151,7 +151,7 @@ def test_checkpoint_round_trip_and_export(tmp_path: Path) -> None:
     trainer.save_checkpoint(ckpt)
     # Outside the CLI the networks are not pickled into the checkpoint: pass them again.
     restored = DKD.load_from_checkpoint(ckpt, student=TinyNet(), teacher=TinyNet())
-    assert restored.hparams.beta == 2.0 and restored.warmup_epochs == 3
+    assert restored.hparams.beta == 2.0 and restored.criterion.warmup_epochs == 3
     x = torch.randn(5, 1, 4, 4)
     module.eval(), restored.eval()
     assert torch.allclose(module(x), restored(x))
@@ -168,9 +168,23 @@ def test_checkpoint_round_trip_and_export(tmp_path: Path) -> None:
 
 
 def test_dkd_warmup_factor_counts_epochs_from_one() -> None:
-    module = DKD(student=TinyNet(), teacher=TinyNet(), warmup_epochs=20)
-    assert module.warmup_factor() == pytest.approx(1 / 20)  # current_epoch is 0 before training
-    assert DKD(student=TinyNet(), teacher=TinyNet(), warmup_epochs=0).warmup_factor() == 1.0
+    from kd_lightning.losses.schedule import Progress
+
+    loss = DKD(student=TinyNet(), teacher=TinyNet(), warmup_epochs=20).criterion
+    assert loss.warmup_factor() == 1.0  # no training progress set: the full weights (standalone use)
+    loss.set_progress(Progress(epoch=0))
+    assert loss.warmup_factor() == pytest.approx(1 / 20)  # epochs count from 1, as mdistiller
+    loss.set_progress(Progress(epoch=25))
+    assert loss.warmup_factor() == 1.0
+    no_warmup = DKD(student=TinyNet(), teacher=TinyNet(), warmup_epochs=0).criterion
+    no_warmup.set_progress(Progress(epoch=0))
+    assert no_warmup.warmup_factor() == 1.0
+
+
+def test_dkd_warmup_is_applied_during_fit(tmp_path: Path) -> None:
+    module = DKD(student=TinyNet(), teacher=TinyNet(), warmup_epochs=4)
+    tiny_trainer(tmp_path, max_epochs=2).fit(module, datamodule=BlobsDataModule())
+    assert module.criterion.progress.epoch == 1 and module.criterion.warmup_factor() == pytest.approx(2 / 4)
 
 
 def test_plain_lightning_usage_with_any_modules(tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def test_checkpoint_keeps_the_trained_teacher(tmp_path: Path) -> None:
 def test_bad_arguments_name_the_field() -> None:
     with pytest.raises(KDConfigError, match=r"model.init_args.weighting must be 'hard' or 'sigmoid'"):
         make(weighting="soft")
-    with pytest.raises(KDConfigError, match=r"model.init_args.temperature must be > 0"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.temperature: must be a finite number > 0"):
         make(temperature=-1.0)
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from kd_lightning.errors import KDConfigError
+from kd_lightning.losses.bild import DBiLDLoss
 from kd_lightning.methods.bild import BiLD
 from kd_lightning.methods.dbild import DBiLD
-from kd_lightning.teachers import load_weights
+from kd_lightning.models.checkpoints import load_weights
 from tests.helpers.cli import fit_config
 from tests.helpers.tiny import BlobsDataModule, TinyNet
 from tests.helpers.tiny import tiny_trainer as tiny_trainer_base
@@ -23,7 +24,9 @@ def tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
     return tiny_trainer_base(tmp_path, **{"max_epochs": 2, **kwargs})
 
 
-@pytest.mark.parametrize(("method", "kwargs"), [(BiLD, {"top_k": 4}), (DBiLD, {"k_min": 3, "k_max": 4})])
+@pytest.mark.parametrize(
+    ("method", "kwargs"), [(BiLD, {"top_k": 4}), (DBiLD, {"loss": DBiLDLoss(k_min=3, k_max=4, ce_weight=1.0)})]
+)
 def test_fit_keeps_teacher_frozen_and_logs_parts(method, kwargs, tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = method(student=TinyNet(), teacher=TinyNet(hidden=32), **kwargs)
@@ -48,11 +51,11 @@ def test_top_k_above_class_count_named_at_setup() -> None:
 
 
 def test_dbild_k_min_above_class_count_and_bad_arguments_named() -> None:
-    with pytest.raises(KDConfigError, match=r"model.init_args.k_min=5 exceeds the 4 classes"):
-        DBiLD(student=TinyNet(), teacher=TinyNet(), k_min=5, k_max=8, num_classes=4).setup("fit")
-    DBiLD(student=TinyNet(), teacher=TinyNet(), k_min=3, k_max=16, num_classes=4).setup("fit")  # k_max is capped
-    with pytest.raises(KDConfigError, match=r"model.init_args.reverse_weight must be in \[0, 1\]"):
-        DBiLD(student=TinyNet(), teacher=TinyNet(), reverse_weight=2.0)
+    with pytest.raises(KDConfigError, match=r"model.init_args.loss.init_args.k_min: is 5 but there are only 4 classes"):
+        DBiLD(student=TinyNet(), teacher=TinyNet(), loss=DBiLDLoss(k_min=5, k_max=8), num_classes=4).setup("fit")
+    DBiLD(student=TinyNet(), teacher=TinyNet(), loss=DBiLDLoss(k_min=3, k_max=16), num_classes=4).setup("fit")
+    with pytest.raises(KDConfigError, match=r"reverse_weight must be in \[0, 1\]"):
+        DBiLDLoss(reverse_weight=2.0)
     with pytest.raises(KDConfigError, match=r"model.init_args.top_k must be >= 2"):
         BiLD(student=TinyNet(), teacher=TinyNet(), top_k=1)
 
@@ -78,7 +81,6 @@ def test_cli_fit_digits(config: str, method: type, in_tmp: Path) -> None:
         assert torch.equal(value, model.teacher.state_dict()[key]), key
     last = next((in_tmp / "runs").rglob("last.ckpt"))
     restored = method.load_from_checkpoint(last)  # networks rebuilt from the stored config
-    assert restored.hparams.temperature == model.hparams.temperature == 3.0
-    assert restored.criterion.temperature == model.criterion.temperature
+    assert restored.criterion.temperature == model.criterion.temperature == 3.0
     for key, value in restored.student.state_dict().items():
         assert torch.equal(value, model.student.state_dict()[key]), key

@@ -13,7 +13,7 @@ from kd_lightning.methods.attention_transfer import AT
 from kd_lightning.methods.fitnet import FitNet, HintRegressor
 from kd_lightning.methods.rkd import RKD
 from kd_lightning.models import ResNet8, ResNet14, SmallCNN
-from kd_lightning.teachers import load_weights
+from kd_lightning.models.checkpoints import load_weights
 from tests.helpers.cli import fit_config
 from tests.helpers.tiny import BlobsDataModule, TinyNet, tiny_trainer
 

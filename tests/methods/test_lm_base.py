@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.divergences import reverse_kl
 from kd_lightning.losses.lm import forward_kl
-from kd_lightning.methods.lm_base import (
-    LMDistillationModule,
+from kd_lightning.methods.tasks.language_model import (
+    LanguageModelDistillation,
     LMSupervised,
     prompt_lengths,
     sample_continuations,
@@ -35,7 +35,7 @@ from tests.methods.lm_standins import (
 )
 
 
-class ForwardKLDistill(LMDistillationModule):
+class ForwardKLDistill(LanguageModelDistillation):
     """The smallest concrete LM distillation method: Σ forward KL + Σ CE over the valid tokens."""
 
     def distillation_sums(self, student, teacher, targets, mask):
@@ -165,9 +165,7 @@ def test_teacher_frozen_in_eval_mode_and_only_the_student_learns(tmp_path: Path)
 def test_vocabulary_checks_at_setup(tmp_path: Path) -> None:
     data = TokenBatches(two_micro_batches())
     too_small = ForwardKLDistill(tiny_gpt(vocab_size=VOCAB - 4), tiny_gpt())
-    with pytest.raises(
-        KDConfigError, match=rf"model.init_args.student \(TinyGPT\) predicts {VOCAB - 4} tokens.*{VOCAB}"
-    ):
+    with pytest.raises(KDConfigError, match=rf"model.init_args.student: TinyGPT predicts {VOCAB - 4} tokens.*{VOCAB}"):
         trainer(tmp_path).validate(too_small, datamodule=data, verbose=False)
     other_tokenizer = ForwardKLDistill(tiny_gpt(), tiny_gpt(vocab_size=VOCAB + 600))
     with pytest.raises(KDConfigError, match=rf"student vocabulary {VOCAB}, teacher vocabulary {VOCAB + 600}"):
@@ -266,15 +264,10 @@ def test_cli_fit_of_the_supervised_lm_configs(config: str, in_tmp: Path) -> None
     assert last.is_file() and last.parent == in_tmp / "runs" / Path(config).stem / "checkpoints"
 
 
-def test_a_missing_lm_teacher_is_trained_with_lm_supervised(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``kd fit`` without ``teacher_ckpt`` trains the LM teacher with next-token CE and caches it.
+def test_a_missing_lm_teacher_is_trained_with_lm_supervised(in_tmp: Path) -> None:
+    """``kd fit`` without ``teacher_ckpt`` trains the LM teacher with its own task (next-token CE) and caches it."""
+    from kd_lightning.teachers import TeacherTraining
 
-    Stand-in for the CLI change that picks ``LMDistillationModule.teacher_training_module`` (the teacher
-    cache builds ``Supervised`` today, an image classifier that cannot read dict batches).
-    """
-    import kd_lightning.teacher_cache as teacher_cache
-
-    monkeypatch.setattr(teacher_cache, "Supervised", LMDistillationModule.teacher_training_module)
     cli = fit_lm_config(
         "lm_stdlib_fkl.yaml",
         in_tmp,
@@ -283,6 +276,7 @@ def test_a_missing_lm_teacher_is_trained_with_lm_supervised(in_tmp: Path, monkey
     )
     ckpt = Path(cli.model.teacher_ckpt)
     assert ckpt.is_file() and ckpt.parent.parent == in_tmp / "teachers"
-    meta = teacher_cache.TeacherTraining.read_meta(ckpt)
-    assert 0.0 < meta["val_acc"] < 1.0
+    meta = TeacherTraining.read_meta(ckpt)
+    assert meta["task_module"] == "LMSupervised" and 0.0 < meta["val_acc"] < 1.0
+    assert meta["task"] == "LMSupervised" and meta["teacher"]["class_path"].endswith("TinyGPT")
     assert torch.isfinite(cli.trainer.callback_metrics["val/teacher_ppl"])

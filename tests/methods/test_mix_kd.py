@@ -12,7 +12,7 @@ from torch import nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.methods.mix_kd import MixKD
-from kd_lightning.teachers import load_weights
+from kd_lightning.models.checkpoints import load_weights
 from tests.helpers.cli import fit_config
 from tests.helpers.tiny import TinyNet
 

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from kd_lightning.errors import KDConfigError
+from kd_lightning.losses.schedule import Progress
 from kd_lightning.losses.transport import SinKDLoss
 from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.models import SmallCNN
@@ -20,8 +21,8 @@ class TemperatureSpy(Callback):
     def __init__(self) -> None:
         self.temperatures: list[float] = []
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.temperatures.append(pl_module.kd_temperature())
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.temperatures.append(pl_module.criterion.current_temperature())
 
 
 def test_fit_logs_parts_and_leaves_the_teacher_unchanged(tmp_path: Path) -> None:
@@ -44,7 +45,7 @@ def test_fit_logs_parts_and_leaves_the_teacher_unchanged(tmp_path: Path) -> None
 
 
 def test_temperature_annealed_linearly_over_the_run(tmp_path: Path) -> None:
-    module = SinKD(student=TinyNet(), teacher=TinyNet(), temperature=4.0, anneal_temperature=True)
+    module = SinKD(student=TinyNet(), teacher=TinyNet(), loss=SinKDLoss(temperature=4.0, anneal_temperature=True))
     spy = TemperatureSpy()
     trainer = tiny_trainer(tmp_path, max_epochs=3, limit_train_batches=1, limit_val_batches=0, callbacks=[spy])
     trainer.fit(module, datamodule=BlobsDataModule())
@@ -53,19 +54,24 @@ def test_temperature_annealed_linearly_over_the_run(tmp_path: Path) -> None:
 
 
 def test_anneal_epochs_and_constant_temperature() -> None:
-    module = SinKD(student=TinyNet(), teacher=TinyNet(), temperature=3.0, anneal_temperature=True, anneal_epochs=5)
-    assert module.kd_temperature() == 3.0  # epoch 0
-    assert SinKD(student=TinyNet(), teacher=TinyNet(), temperature=3.0).kd_temperature() == 3.0
+    loss = SinKDLoss(temperature=3.0, anneal_temperature=True, anneal_epochs=5)
+    assert loss.current_temperature() == 3.0  # no progress set yet: the initial temperature
+    loss.set_progress(Progress(epoch=2, max_epochs=100))
+    assert loss.current_temperature() == pytest.approx(1.0 + 2.0 * 2 / 4)  # linear to 1 over anneal_epochs = 5
+    constant = SinKDLoss(temperature=3.0)
+    constant.set_progress(Progress(epoch=2, max_epochs=100))
+    assert constant.current_temperature() == 3.0
 
 
 def test_bad_arguments_name_the_field() -> None:
-    with pytest.raises(KDConfigError, match=r"model.init_args.epsilon must be > 0"):
-        SinKD(student=TinyNet(), teacher=TinyNet(), epsilon=0.0)
-    with pytest.raises(KDConfigError, match=r"model.init_args.anneal_epochs must be >= 1"):
-        SinKD(student=TinyNet(), teacher=TinyNet(), anneal_epochs=0)
-    module = SinKD(student=TinyNet(), teacher=TinyNet(), anneal_temperature=True)
-    with pytest.raises(KDConfigError, match=r"model.init_args.anneal_epochs or trainer.max_epochs"):
-        module.kd_temperature()  # no Trainer, no anneal_epochs: the run's length is unknown
+    with pytest.raises(KDConfigError, match=r"epsilon must be > 0"):
+        SinKDLoss(epsilon=0.0)
+    with pytest.raises(KDConfigError, match=r"anneal_epochs: must be >= 1"):
+        SinKDLoss(anneal_epochs=0)
+    loss = SinKDLoss(anneal_temperature=True)
+    loss.set_progress(Progress(epoch=0, max_epochs=None))
+    with pytest.raises(KDConfigError, match=r"set anneal_epochs or trainer.max_epochs"):
+        loss.current_temperature()  # no anneal_epochs and no known run length
 
 
 def test_cli_fit_of_the_digits_config(in_tmp: Path) -> None:

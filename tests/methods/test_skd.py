@@ -12,8 +12,8 @@ from kd_lightning.callbacks.snr import SNREvaluation
 from kd_lightning.data.radioml import RadioMLDataModule
 from kd_lightning.data.radioml_synth import generate, write_pickle
 from kd_lightning.errors import KDConfigError
+from kd_lightning.methods import Supervised
 from kd_lightning.methods.skd import SKD
-from kd_lightning.methods.supervised import Supervised
 from kd_lightning.models.radioml import KDCNN, ClST
 from tests.helpers.cli import CONFIGS_DIR, SHARED_TEACHERS, TINY, fit
 from tests.helpers.tiny import tiny_trainer
@@ -89,6 +89,7 @@ def _tiny_radioml(root: Path) -> list[str]:
         "--data.init_args.num_workers=0",
         "--teacher_training.max_epochs=1",
         f"--teacher_training.cache_dir={SHARED_TEACHERS}",
+        "--test_after_fit=true",
     ]
 
 
@@ -132,7 +133,7 @@ def test_cli_other_radioml_configs_fit(config: str, in_tmp: Path, synth_root: Pa
 
 def test_quick_config_runs_on_the_generator_output(in_tmp: Path) -> None:
     # What the config's header says to run, on fewer frames.
-    from kd_lightning.data.radioml_synth import main as synth_main
+    from kd_lightning.commands.radioml_synth import main as synth_main
 
     synth_main(
         ["--out", "data/radioml_synth", "--format", "2016.10a", "--frames", "4", "--snr-range", "-10", "10", "10"]

@@ -51,7 +51,7 @@ def test_teacher_precision_runs_the_teacher_under_autocast_with_float32_logits(
 
 
 def test_teacher_precision_is_checked() -> None:
-    with pytest.raises(KDConfigError, match="teacher_precision must be 'bf16', 'fp16' or null"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.teacher_precision: must be 'bf16', 'fp16' or null"):
         _module(teacher_precision="fp8")
 
 
@@ -95,5 +95,5 @@ def test_network_checks_probe_on_the_networks_own_device() -> None:
     module.check_networks((3, 32, 32))  # probes on CPU, where the networks are; a meta probe would fail
     bad = VanillaKD(student=nn.Sequential(nn.Flatten(), nn.Linear(3072, 10)), teacher=TinyCifarNet())
     bad.num_classes = 100
-    with pytest.raises(KDConfigError, match=r"student .*outputs 10 classes"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.student: Sequential outputs 10 classes"):
         bad.check_networks((3, 32, 32))

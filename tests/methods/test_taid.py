@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from kd_lightning.errors import KDConfigError
+from kd_lightning.losses.taid import TAIDLoss
 from kd_lightning.methods.taid import TAID
 from tests.helpers.cli import fit_config
 from tests.helpers.tiny import BlobsDataModule, TinyNet
@@ -22,7 +23,9 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 def method(**kwargs) -> TAID:
     torch.manual_seed(0)
-    return TAID(TinyNet(), TinyNet(hidden=32), optimizer=lambda p: torch.optim.Adam(p, lr=0.05), **kwargs)
+    return TAID(
+        TinyNet(), TinyNet(hidden=32), optimizer=lambda p: torch.optim.Adam(p, lr=0.05), loss=TAIDLoss(**kwargs)
+    )
 
 
 class ScheduleSpy(Callback):
@@ -79,10 +82,10 @@ def test_linear_schedule_from_estimated_stepping_batches_and_t_logged(tmp_path: 
 
 
 def test_bad_arguments_name_the_field() -> None:
-    with pytest.raises(KDConfigError, match=r"model.init_args.t_start and t_end"):
-        TAID(TinyNet(), TinyNet(), t_start=0.9, t_end=0.5)
-    with pytest.raises(KDConfigError, match=r"model.init_args.distil_ratio"):
-        TAID(TinyNet(), TinyNet(), distil_ratio=2.0)
+    with pytest.raises(KDConfigError, match=r"t_start and t_end"):
+        TAIDLoss(t_start=0.9, t_end=0.5)
+    with pytest.raises(KDConfigError, match=r"distil_ratio"):
+        TAIDLoss(distil_ratio=2.0)
 
 
 def test_cli_fit_on_digits(in_tmp: Path) -> None:

@@ -32,7 +32,6 @@ def make(**kwargs) -> TGeoKD:
         student=TinyNet(),
         teacher=TinyNet(hidden=32),
         temperature=2.0,
-        holdout_fraction=0.25,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
         fusion_optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
     )
@@ -79,7 +78,7 @@ def one_step(tmp_path_factory: pytest.TempPathFactory) -> tuple[TGeoKD, StepReco
     module = make()
     rec = StepRecorder()
     trainer = tiny_trainer(tmp_path_factory.mktemp("tgeo"), max_steps=1, limit_val_batches=0, callbacks=[rec])
-    trainer.fit(module, datamodule=BlobsDataModule())
+    trainer.fit(module, datamodule=BlobsDataModule(meta_split=0.25))
     return module, rec
 
 
@@ -102,7 +101,7 @@ def test_student_step_is_the_inner_step_with_alpha_from_the_updated_fusion_net(o
 def test_class_means_are_the_teacher_means_over_the_held_out_split(one_step) -> None:
     module, _ = one_step
     assert bool(module.class_means_ready)
-    held = module._holdout_set
+    held = module.trainer.datamodule.meta_set
     x, y = next(iter(DataLoader(held, batch_size=len(held))))
     with torch.no_grad():
         probs = module.teacher(x).softmax(-1)
@@ -159,7 +158,7 @@ def test_virtual_step_does_not_move_batchnorm_statistics() -> None:
 def test_class_means_from_training_batches(tmp_path: Path) -> None:
     module = make(class_mean_source="train_batches")
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
-    trainer.fit(module, datamodule=BlobsDataModule())
+    trainer.fit(module, datamodule=BlobsDataModule(meta_split=0.25))
     assert bool(module.class_means_ready)
     counts = module.class_mean_accumulator.counts
     assert counts.sum() == 48  # the 64 training samples minus the 16 held out, each seen once
@@ -171,12 +170,14 @@ def test_clear_errors(tmp_path: Path) -> None:
     module = make(num_classes=4)
     data = BlobsDataModule()
     data.setup("fit")
-    with pytest.raises(KDConfigError, match=r"needs a data module with hold_out"):
+    with pytest.raises(KDConfigError, match=r"data: TGeoKD learns its fusion network on a held-out meta split"):
         tiny_trainer(tmp_path).fit(module, train_dataloaders=DataLoader(data.train_set, batch_size=8))
+    with pytest.raises(KDConfigError, match=r"data.init_args.meta_split: is 0: TGeoKD learns"):
+        tiny_trainer(tmp_path).fit(make(num_classes=4), datamodule=BlobsDataModule())
     with pytest.raises(KDConfigError, match=r"model.init_args.last_layer='head' is not a submodule"):
         make(unroll="last_layer", last_layer="head")
-    with pytest.raises(KDConfigError, match=r"model.init_args.holdout_fraction must be in \(0, 1\)"):
-        make(holdout_fraction=0.0)
+    with pytest.raises(KDConfigError, match=r"data.init_args.meta_split: must be in \[0, 1\)"):
+        BlobsDataModule(meta_split=1.5)
     with pytest.raises(KDConfigError, match=r"model.init_args.features must be one of"):
         make(features="angles")
 
@@ -229,5 +230,5 @@ def test_two_process_ddp_fit_keeps_student_and_fusion_net_in_sync(tmp_path: Path
     """Ranks see different training and held-out batches; the manual all-reduce of both gradients keeps them equal."""
     module = make(optimizer=functools.partial(torch.optim.SGD, lr=0.1), fusion_optimizer=torch.optim.Adam)
     trainer = tiny_trainer(tmp_path, max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=[RanksAgree()])
-    trainer.fit(module, datamodule=BlobsDataModule(per_class=32))
+    trainer.fit(module, datamodule=BlobsDataModule(per_class=32, meta_split=0.25))
     assert trainer.state.finished

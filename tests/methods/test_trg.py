@@ -13,7 +13,7 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.token_graph import edge_loss, gather_tokens, node_loss
 from kd_lightning.methods.trg import TRG, default_token_layer
 from kd_lightning.models import ResNet8x4, SmallCNN, TimmModel
-from kd_lightning.teachers import load_weights
+from kd_lightning.models.checkpoints import load_weights
 from tests.data_generators import write_fake_cifar100
 from tests.helpers.cli import CONFIGS_DIR, TINY, fit, fit_config
 from tests.helpers.tiny import TinyNet
@@ -156,7 +156,7 @@ def test_configuration_errors_name_the_argument() -> None:
         digits_pair(grid=[2, 0])
     with pytest.raises(KDConfigError, match=r"model.init_args.student_layers is required"):
         TRG(TinyNet(), SmallCNN(widths=[8], num_classes=4))
-    with pytest.raises(KDConfigError, match=r"model.init_args: edge_temperature must be > 0"):
+    with pytest.raises(KDConfigError, match=r"model.init_args: edge_temperature: must be a finite number > 0"):
         digits_pair(edge_temperature=0.0)
 
 

@@ -11,7 +11,7 @@ numbers its views (CIFAR with ``return_view: true``)::
       init_args: {return_view: true}
 
 The training loss then reads the teacher's logits of each batch's ``(index, view)`` rows from
-:class:`~kd_lightning.teacher_logit_cache.ViewLogitStore`; validation still runs the teacher (fidelity
+:class:`~kd_lightning.teachers.logit_cache.ViewLogitStore`; validation still runs the teacher (fidelity
 metrics). Results equal the online run's within fp16 rounding of the stored logits.
 """
 
@@ -31,7 +31,8 @@ from torch import Tensor
 
 from kd_lightning.data.views import ViewSpace
 from kd_lightning.errors import KDConfigError
-from kd_lightning.teacher_logit_cache import ViewLogitStore, cache_key, teacher_digest
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
+from kd_lightning.teachers.logit_cache import ViewLogitStore, cache_key, teacher_digest
 
 __all__ = ["TeacherLogitCache"]
 
@@ -103,13 +104,12 @@ class TeacherLogitCache(Callback):
     @staticmethod
     def check_module(pl_module: L.LightningModule) -> None:
         """Raise :class:`KDConfigError` unless ``pl_module`` can take its teacher logits from a cache."""
-        from kd_lightning.methods.base import DistillationModule
 
         name = type(pl_module).__name__
-        if not isinstance(pl_module, DistillationModule):
+        if not isinstance(pl_module, ClassificationDistillation) or not len(getattr(pl_module, "teachers", ())):
             raise KDConfigError(
-                f"TeacherLogitCache serves distillation methods; model {name} has no teacher: remove "
-                "TeacherLogitCache from trainer.callbacks."
+                f"TeacherLogitCache serves classification distillation methods; model {name} has no teacher: "
+                "remove TeacherLogitCache from trainer.callbacks."
             )
         if pl_module.trains_teacher:
             raise KDConfigError(

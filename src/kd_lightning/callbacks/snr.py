@@ -30,6 +30,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
+
 __all__ = ["SNREvaluation", "SNRSummary", "confusion_by_snr", "summarize_by_snr"]
 
 Stage = Literal["val", "test"]
@@ -39,7 +41,7 @@ def confusion_by_snr(preds: Tensor, targets: Tensor, snrs: Tensor, num_classes: 
     """Confusion matrices ``{snr: counts[true, pred]}`` (int64, on CPU) of one batch of predictions."""
     preds, targets, snrs = preds.reshape(-1).long(), targets.reshape(-1).long(), snrs.reshape(-1)
     if not preds.shape == targets.shape == snrs.shape:
-        raise ValueError(
+        raise KDConfigError(
             f"preds, targets and snrs must have one value per frame, got {preds.shape}, {targets.shape}, {snrs.shape}."
         )
     snr_values, snr_index = torch.unique(snrs.long().cpu(), return_inverse=True)
@@ -91,7 +93,9 @@ def summarize_by_snr(
 ) -> SNRSummary:
     """Accuracy per SNR, overall and per band from ``{snr: confusion}`` (see :class:`SNRSummary`)."""
     if len(band_names) != len(band_edges) + 1:
-        raise ValueError(f"band_names needs len(band_edges) + 1 = {len(band_edges) + 1} names, got {list(band_names)}.")
+        raise KDConfigError(
+            f"band_names needs len(band_edges) + 1 = {len(band_edges) + 1} names, got {list(band_names)}."
+        )
     snrs = sorted(confusion)
     if not snrs:
         return SNRSummary([], [], [], float("nan"))
@@ -152,14 +156,14 @@ class SNREvaluation(Callback):
         super().__init__()
         bad = [s for s in stages if s not in ("val", "test")]
         if bad:
-            raise ValueError(f"SNREvaluation stages must be 'val' and/or 'test', got {list(stages)}.")
+            raise KDConfigError(f"SNREvaluation stages must be 'val' and/or 'test', got {list(stages)}.")
         if len(band_names) != len(band_edges) + 1:
-            raise ValueError(
+            raise KDConfigError(
                 f"SNREvaluation band_names needs len(band_edges) + 1 = {len(band_edges) + 1} names, "
                 f"got {list(band_names)}."
             )
         if list(band_edges) != sorted(band_edges):
-            raise ValueError(f"SNREvaluation band_edges must be ascending, got {list(band_edges)}.")
+            raise KDConfigError(f"SNREvaluation band_edges must be ascending, got {list(band_edges)}.")
         self.stages = tuple(stages)
         self.band_edges = tuple(float(e) for e in band_edges)
         self.band_names = tuple(band_names)

@@ -5,7 +5,7 @@ from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
 from kd_lightning.data.radioml import RadioMLDataModule
-from kd_lightning.data.teacher_logits import TeacherLogitStore, TopKTargets, sparse_kl, write_teacher_logits
+from kd_lightning.data.teacher_logits import TeacherLogitStore, write_teacher_logits
 from kd_lightning.data.text import ByteTokenizer, HFTokenizer, TextDataModule, TokenBatchLoader
 
 __all__ = [
@@ -20,8 +20,6 @@ __all__ = [
     "TeacherLogitStore",
     "TextDataModule",
     "TokenBatchLoader",
-    "TopKTargets",
-    "sparse_kl",
     "stratified_split",
     "write_teacher_logits",
 ]

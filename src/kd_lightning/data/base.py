@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from kd_lightning.errors import ConfigFieldPrefix, KDConfigError
+from kd_lightning.utils.safe_pickle import UnsafePickleError, restricted_load
 
-class KDDataModule(L.LightningDataModule):
-    """Base for every data module of the zoo.
 
-    Subclasses set ``num_classes`` (linked into the model by the CLI) and ``input_shape``
-    (one sample, without batch dimension: used for early shape checks) and fill
-    ``self.train_set``, ``self.val_set``, ``self.test_set`` in :meth:`setup`. Batches are
-    ``(inputs, targets)`` tuples (``(inputs, targets, indices)`` for training sets built with
-    ``return_index=True``).
+class KDDataModule(L.LightningDataModule, metaclass=ConfigFieldPrefix):
+    """Base for every data module of the zoo; subclasses pass these arguments through ``**kwargs``.
+
+    Subclasses set ``num_classes`` (read by the task's checks) and ``input_shape`` (one sample, without batch
+    dimension: used for early shape checks) and fill ``self.train_set``, ``self.val_set``, ``self.test_set`` in
+    :meth:`setup`. Batches are ``(inputs, targets)`` tuples (``(inputs, targets, indices)`` for training sets
+    built with ``return_index=True``).
 
     Args:
         root: folder that holds (or will hold) the data.
@@ -25,14 +31,16 @@ class KDDataModule(L.LightningDataModule):
         batch_size: training batch size (per process under DDP).
         eval_batch_size: validation/test batch size; ``None`` means ``batch_size``.
         num_workers: DataLoader worker processes.
-        val_split: fraction of the training set held out as the validation set (stratified,
-            fixed ``split_seed``). ``0`` uses the official test split for validation, as the
-            CIFAR benchmark protocol does.
-        split_seed: seed of the held-out split; independent of the training seed.
+        split_seed: seed of the held-out splits; independent of the training seed.
         pin_memory: pin host memory for faster host-to-GPU copies.
         drop_last: drop the last incomplete training batch.
+        meta_split: share of each class of the training set held out as a *meta* split that the student does
+            not train on, served by :meth:`meta_dataloader` (bilevel methods: TGeo-KD's fusion network learns on
+            it). ``0``: none.
+        meta_batch_size: batch size of :meth:`meta_dataloader`; ``None`` means ``batch_size``.
     """
 
+    config_prefix = "data.init_args."
     num_classes: int
     input_shape: tuple[int, ...]
 
@@ -43,29 +51,33 @@ class KDDataModule(L.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
-        val_split: float = 0.0,
         split_seed: int = 0,
         pin_memory: bool = True,
         drop_last: bool = False,
+        meta_split: float = 0.0,
+        meta_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_split < 1.0:
-            raise ValueError(f"data.val_split must be in [0, 1), got {val_split}.")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+            raise KDConfigError("batch_size", f"must be >= 1, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(f"data.eval_batch_size must be >= 1 or null, got {eval_batch_size}.")
+            raise KDConfigError("eval_batch_size", f"must be >= 1 or null, got {eval_batch_size}")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
+            raise KDConfigError("num_workers", f"must be >= 0, got {num_workers}")
+        if not 0.0 <= meta_split < 1.0:
+            raise KDConfigError("meta_split", f"must be in [0, 1), got {meta_split}")
+        if meta_batch_size is not None and meta_batch_size < 1:
+            raise KDConfigError("meta_batch_size", f"must be >= 1 or null, got {meta_batch_size}")
         self.root = root
         self.download = download
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.val_split = val_split
         self.split_seed = split_seed
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.meta_split = meta_split
+        self.meta_batch_size = meta_batch_size
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -80,21 +92,32 @@ class KDDataModule(L.LightningDataModule):
         """
         return {}
 
+    def train_targets(self) -> torch.Tensor:
+        """Class index of every item of the training set's index space (what ``return_index`` numbers)."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.train_targets() needs setup('fit') to have run.")
+        return targets_of(index_space(self.train_set))
+
+    def train_index_size(self) -> int:
+        """Size of the training set's index space (a held-out part keeps its positions in it)."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.train_index_size() needs setup('fit') to have run.")
+        return len(index_space(self.train_set))  # type: ignore[arg-type]
+
     def hold_out(self, fraction: float, seed: int | None = None) -> Dataset:
         """Carve a stratified part of the training set out of it and return that part.
 
-        For methods that learn something on data the student does not train on (TGeo-KD's
-        fusion-ratio network, self-distillation's α). ``train_set`` shrinks to the rest; calling
-        again with the same fraction returns the same part. Uses the training transforms.
+        ``train_set`` shrinks to the rest; calling again with the same fraction returns the same part. Uses
+        the training transforms. :attr:`meta_split` uses it; call it yourself for other held-out data.
 
         Args:
             fraction: share of each class to hold out, in ``(0, 1)``.
-            seed: seed of the split; defaults to ``split_seed + 1`` (independent of ``val_split``).
+            seed: seed of the split; defaults to ``split_seed + 1`` (independent of the validation split).
         """
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.hold_out() needs setup('fit') to have run.")
         if not 0.0 < fraction < 1.0:
-            raise ValueError(f"hold-out fraction must be in (0, 1), got {fraction}.")
+            raise KDConfigError("hold-out fraction", f"must be in (0, 1), got {fraction}")
         if self._held_out is not None and self.train_set is self._held_out[0] and self._held_out[2] == fraction:
             return self._held_out[1]
         source = self.train_set
@@ -103,6 +126,64 @@ class KDDataModule(L.LightningDataModule):
         held_out = Subset(source, held.tolist())
         self._held_out = (self.train_set, held_out, fraction)
         return held_out
+
+    @contextlib.contextmanager
+    def full_training_set(self) -> Iterator[None]:
+        """Within the block the training loader serves the whole training set (no meta split carved out):
+        a teacher trained for a run is trained on all of it, like a teacher trained elsewhere."""
+        saved = self.meta_split
+        self.meta_split = 0.0
+        try:
+            yield
+        finally:
+            self.meta_split = saved
+
+    @property
+    def meta_set(self) -> Dataset | None:
+        """The meta split (``meta_split`` of each class of the training set, after ``setup("fit")``), or ``None``."""
+        if self.meta_split == 0 or self.train_set is None:
+            return None
+        return self.hold_out(self.meta_split)
+
+    def meta_dataloader(self, shuffle: bool = True, shard: bool = False, seed: int = 0) -> DataLoader:
+        """Batches of the meta split.
+
+        Args:
+            shuffle: reshuffle every pass (generator seeded with ``seed`` + the DDP rank); ``False``: in order.
+            shard: under DDP, each rank reads every world-size-th item (to split a pass over the split).
+            seed: seed of the order.
+
+        Raises:
+            KDConfigError: ``meta_split`` is 0.
+        """
+        held_out = self.meta_set
+        if held_out is None:
+            raise KDConfigError(
+                "data.init_args.meta_split",
+                "is 0: this method learns on a held-out meta split of the training set",
+                "set data.init_args.meta_split, e.g. 0.1",
+            )
+        if len(held_out) == 0:  # type: ignore[arg-type]
+            rank_zero_warn(
+                f"data.init_args.meta_split={self.meta_split} holds out no sample (every class has at most one "
+                "training sample): the meta batches come from the training set itself. Only sensible on toy data."
+            )
+            held_out = self.train_set
+        rank, world = _rank_and_world()
+        dataset = held_out
+        if shard and world > 1:
+            dataset = Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
+        batch_size = self.meta_batch_size or self.batch_size
+        generator = torch.Generator().manual_seed(seed + rank) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=shuffle and len(dataset) > batch_size,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0 and shuffle,
+        )
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None:
@@ -121,6 +202,7 @@ class KDDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        _ = self.meta_set  # carve the meta split out of the training set first
         return self._loader(self.train_set, "train", train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -128,6 +210,37 @@ class KDDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", train=False)
+
+
+def read_data_pickle(path: Path, dataset: str) -> Any:
+    """A published dataset pickle, read with :func:`~kd_lightning.utils.safe_pickle.restricted_load`.
+
+    Raises:
+        KDConfigError: the file names code (refused before anything ran) or is not a complete pickle.
+    """
+    try:
+        return restricted_load(path)
+    except UnsafePickleError as err:
+        raise KDConfigError("data.init_args.root", str(err)) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
+        raise KDConfigError(
+            "data.init_args.root",
+            f"{path} is not a readable {dataset} pickle ({type(err).__name__}: {err})",
+            "the file may be truncated: download the dataset again",
+        ) from None
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def index_space(dataset: Dataset) -> Dataset:
+    """The dataset whose positions a training set's sample indices refer to (a ``Subset`` numbers its base)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def targets_of(dataset: Dataset) -> torch.Tensor:
@@ -162,7 +275,7 @@ def stratified_split(
         ValueError: if ``fraction`` is outside ``[0, 1)``.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"stratified_split: fraction must be in [0, 1), got {fraction}.")
+        raise KDConfigError(f"stratified_split: fraction must be in [0, 1), got {fraction}.")
     targets = torch.as_tensor(targets).flatten()
     generator = torch.Generator().manual_seed(seed)
     kept, held = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
@@ -205,7 +318,7 @@ class TensorImageDataset(Dataset):
     ) -> None:
         targets = torch.as_tensor(targets, dtype=torch.long)
         if images.ndim != 4 or len(images) != len(targets):
-            raise ValueError(
+            raise KDConfigError(
                 f"TensorImageDataset needs images [N, C, H, W] and N targets, "
                 f"got {tuple(images.shape)} and {tuple(targets.shape)}."
             )

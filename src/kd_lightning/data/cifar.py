@@ -16,7 +16,6 @@ augmentation distribution, no workers.
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +26,7 @@ import torchvision
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets.utils import extract_archive
 
-from kd_lightning.data.base import KDDataModule, TensorImageDataset, stratified_split
+from kd_lightning.data.base import KDDataModule, TensorImageDataset, read_data_pickle, stratified_split
 from kd_lightning.data.fast import DeviceImageLoader
 from kd_lightning.data.transforms import Compose, RandomHorizontalFlip, RandomTranslate, ToFloatNormalize
 from kd_lightning.data.views import (
@@ -54,10 +53,12 @@ def _normalise_keys(entry: dict[Any, Any]) -> dict[str, Any]:
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    """One CIFAR python batch, read with the restricted unpickler (arrays, dicts, lists, strings, numbers only)."""
+    entry = read_data_pickle(path, "CIFAR")
     if not isinstance(entry, dict):
-        raise ValueError(f"{path} is not a CIFAR pickle: expected a dict, got {type(entry).__name__}.")
+        raise KDConfigError(
+            "data.init_args.root", f"{path} is not a CIFAR pickle: expected a dict, got {type(entry).__name__}"
+        )
     return _normalise_keys(entry)
 
 
@@ -79,11 +80,11 @@ def load_cifar_batches(paths: Sequence[Path], label_key: str) -> tuple[torch.Ten
         entry = _load_pickle(path)
         missing = [k for k in ("data", label_key) if k not in entry]
         if missing:
-            raise ValueError(f"{path} has no key {missing[0]!r} (keys: {sorted(entry)}).")
+            raise KDConfigError(f"{path} has no key {missing[0]!r} (keys: {sorted(entry)}).")
         data = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry[label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-            raise ValueError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}.")
+            raise KDConfigError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}.")
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         targets.append(torch.from_numpy(labels))
     return torch.cat(images), torch.cat(targets)
@@ -99,19 +100,11 @@ def _md5(path: Path, chunk_size: int = 1 << 20) -> str:
 
 _ARGS_DOC = """
     Args:
-        root: folder that holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (the folder
-            itself is accepted too).
-        download: download the archive in :meth:`prepare_data` when the files are missing
-            (needs internet). An archive already in ``root`` is extracted without network.
-        batch_size: training batch size (per process under DDP).
-        eval_batch_size: validation/test batch size; ``None`` means ``batch_size``.
-        num_workers: DataLoader worker processes.
+        **kwargs: the shared arguments of :class:`~kd_lightning.data.base.KDDataModule` (``root``,
+            ``download``, ``batch_size``, ``num_workers``, ``split_seed``, ``meta_split``, ...).
         val_split: fraction of the training set held out (stratified, evaluation transform)
             as the validation set. ``0`` validates on the official test split, as the
             benchmark protocol does.
-        split_seed: seed of the held-out split.
-        pin_memory: pin host memory for faster host-to-GPU copies.
-        drop_last: drop the last incomplete training batch.
         augment: ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` on the training set.
         checksum: verify the md5 of every file against torchvision's published values in
             :meth:`setup` (slower; fails on anything but the official files).
@@ -153,32 +146,18 @@ class _CIFARDataModule(KDDataModule):
 
     def __init__(
         self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
         val_split: float = 0.0,
-        split_seed: int = 0,
-        pin_memory: bool = True,
-        drop_last: bool = False,
         augment: bool = True,
         checksum: bool = False,
         return_index: bool = False,
         return_view: bool = False,
         fast: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_split=val_split,
-            split_seed=split_seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-        )
+        super().__init__(**kwargs)
+        if not 0.0 <= val_split < 1.0:
+            raise KDConfigError("val_split", f"must be in [0, 1), got {val_split}")
+        self.val_split = val_split
         self.augment = augment
         self.checksum = checksum
         self.return_index = return_index

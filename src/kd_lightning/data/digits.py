@@ -8,6 +8,7 @@ the CIFAR model zoo.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +29,9 @@ class DigitsDataModule(KDDataModule):
     split is normalised the same way. Everything is held in memory as tensors.
 
     Args:
-        root: ignored (the data ships with scikit-learn); kept for the common signature.
-        download: ignored (nothing to download).
-        batch_size: training batch size.
-        eval_batch_size: validation/test batch size; ``None`` means ``batch_size``.
+        **kwargs: the shared arguments of :class:`~kd_lightning.data.base.KDDataModule` (``root``,
+            ``download``, ``batch_size``, ``num_workers``, ``split_seed``, ``meta_split``, ...).
         num_workers: DataLoader worker processes (0: the data is in memory already).
-        val_split: not used here; must stay ``0`` (set ``val_fraction`` instead).
-        split_seed: seed of the train / validation / test split.
-        pin_memory: pin host memory for faster host-to-GPU copies.
-        drop_last: drop the last incomplete training batch.
         val_fraction: share of all images used for validation, in ``(0, 1)``.
         test_fraction: share of all images used for testing, in ``(0, 1)``;
             ``val_fraction + test_fraction`` must be below 1.
@@ -60,37 +55,15 @@ class DigitsDataModule(KDDataModule):
 
     def __init__(
         self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 0,
-        val_split: float = 0.0,
-        split_seed: int = 0,
-        pin_memory: bool = True,
-        drop_last: bool = False,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         as_cifar: bool = False,
         augment: bool = False,
         return_index: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_split=val_split,
-            split_seed=split_seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-        )
-        if val_split != 0:
-            raise KDConfigError(
-                "DigitsDataModule has a fixed train/val/test split: leave data.init_args.val_split at 0 "
-                f"(got {val_split}) and set data.init_args.val_fraction instead."
-            )
+        super().__init__(num_workers=num_workers, **kwargs)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise KDConfigError(
                 "data.init_args.val_fraction and data.init_args.test_fraction must each be in (0, 1) "

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kd_lightning.data.views import crop_flip_batch, encode_view
+from kd_lightning.errors import KDConfigError
 
 __all__ = ["DeviceImageLoader"]
 
@@ -77,9 +78,9 @@ class DeviceImageLoader:
         world_size: int = 1,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise KDConfigError(f"batch_size must be >= 1, got {batch_size}.")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
+            raise KDConfigError(f"rank {rank} is outside world_size {world_size}.")
         self.padded = padded
         self.device = padded.device
         self.targets = torch.as_tensor(targets, dtype=torch.long).to(self.device)

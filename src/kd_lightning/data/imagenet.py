@@ -50,16 +50,12 @@ class ImageNetDataModule(KDDataModule):
     Args:
         root: folder holding ``train/`` and ``val/`` (and ``meta.bin`` for torchvision's
             layout).
-        download: must stay ``False``: ImageNet has to be obtained from image-net.org.
-        batch_size: training batch size (per process under DDP).
-        eval_batch_size: validation/test batch size; ``None`` means ``batch_size``.
+        **kwargs: the shared arguments of :class:`~kd_lightning.data.base.KDDataModule` (``root``,
+            ``download``, ``batch_size``, ``num_workers``, ``split_seed``, ``meta_split``, ...).
         num_workers: DataLoader worker processes (JPEG decoding is the bottleneck: use many).
         val_split: fraction of ``train/`` held out (stratified, evaluation transform) as the
             validation set. ``0`` validates on ``val/``, as every ImageNet KD paper does. The
             test set is always ``val/``.
-        split_seed: seed of the held-out split.
-        pin_memory: pin host memory for faster host-to-GPU copies.
-        drop_last: drop the last incomplete training batch.
         num_classes: number of classes; must match the class folders found (set it for
             subsets such as ImageNet-100).
         image_size: side of the (square) crops fed to the model.
@@ -80,32 +76,20 @@ class ImageNetDataModule(KDDataModule):
     def __init__(
         self,
         root: str = "data/imagenet",
-        download: bool = False,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 8,
         val_split: float = 0.0,
-        split_seed: int = 0,
-        pin_memory: bool = True,
-        drop_last: bool = False,
         num_classes: int = 1000,
         image_size: int = 224,
         resize_size: int = 256,
         interpolation: str = "bilinear",
         return_index: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_split=val_split,
-            split_seed=split_seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-        )
-        if download:
+        super().__init__(root=root, num_workers=num_workers, **kwargs)
+        if not 0.0 <= val_split < 1.0:
+            raise KDConfigError("val_split", f"must be in [0, 1), got {val_split}")
+        self.val_split = val_split
+        if self.download:
             raise KDConfigError(f"data.init_args.download=true is not supported for ImageNet. {_HOW_TO_GET}")
         if num_classes < 2:
             raise KDConfigError(f"data.init_args.num_classes must be >= 2, got {num_classes}.")
@@ -216,7 +200,7 @@ class ImageNetDataModule(KDDataModule):
         if train_wnids != val_wnids:
             only_train = sorted(set(train_wnids) - set(val_wnids))
             only_val = sorted(set(val_wnids) - set(train_wnids))
-            raise ValueError(
+            raise KDConfigError(
                 f"ImageNet under {root.resolve()}: train/ and val/ must hold the same class folders "
                 f"(labels follow their sorted order). Only in train/: {only_train[:5]}; "
                 f"only in val/: {only_val[:5]}."

@@ -19,7 +19,6 @@ CC BY-NC-SA). ``kd radioml-synth`` writes offline synthetic approximations in th
 from __future__ import annotations
 
 import os
-import pickle
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kd_lightning.data.base import KDDataModule
+from kd_lightning.data.base import KDDataModule, read_data_pickle
 from kd_lightning.errors import DatasetNotFoundError, KDConfigError
 
 __all__ = [
@@ -192,19 +191,18 @@ def load_radioml_pickle(path: str | Path) -> dict[tuple[str, int], np.ndarray]:
         ValueError: if the file is not a dict of ``(modulation, snr) -> [n, 2, L]`` arrays.
     """
     path = Path(path)
-    with path.open("rb") as f:
-        raw = pickle.load(f, encoding="latin1")
+    raw = read_data_pickle(path, "RadioML 2016")
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a RadioML pickle: expected a dict, got {type(raw).__name__}.")
+        raise KDConfigError(f"{path} is not a RadioML pickle: expected a dict, got {type(raw).__name__}.")
     out: dict[tuple[str, int], np.ndarray] = {}
     for key in list(raw):
         if not (isinstance(key, tuple) and len(key) == 2):
-            raise ValueError(f"{path}: expected (modulation, snr) keys, found {key!r}.")
+            raise KDConfigError(f"{path}: expected (modulation, snr) keys, found {key!r}.")
         mod, snr = key
         mod = mod.decode("latin1") if isinstance(mod, bytes) else str(mod)
         frames = np.asarray(raw.pop(key))
         if frames.ndim != 3 or frames.shape[1] != 2:
-            raise ValueError(f"{path}: frames of {(mod, snr)} have shape {frames.shape}, expected [n, 2, L].")
+            raise KDConfigError(f"{path}: frames of {(mod, snr)} have shape {frames.shape}, expected [n, 2, L].")
         out[(mod, int(snr))] = frames
     return out
 
@@ -230,7 +228,7 @@ class RadioMLTensorDataset(Dataset):
         indices: np.ndarray | torch.Tensor | Sequence[int] | None = None,
     ) -> None:
         if frames.ndim != 3 or frames.shape[1] != 2 or not (len(frames) == len(targets) == len(snrs)):
-            raise ValueError(
+            raise KDConfigError(
                 f"RadioMLTensorDataset needs frames [N, 2, L] and N targets and SNRs, got "
                 f"{tuple(frames.shape)}, {tuple(targets.shape)}, {tuple(snrs.shape)}."
             )
@@ -294,7 +292,7 @@ class RadioMLHDF5Dataset(Dataset):
         self.targets = torch.as_tensor(targets, dtype=torch.long)
         self.snrs = torch.as_tensor(snrs, dtype=torch.long)
         if not (len(self.rows) == len(self.targets) == len(self.snrs)):
-            raise ValueError("RadioMLHDF5Dataset: rows, targets and snrs must have the same length.")
+            raise KDConfigError("RadioMLHDF5Dataset: rows, targets and snrs must have the same length.")
         self.normalize = normalize
         self.key = key
         self._file: Any = None
@@ -360,19 +358,13 @@ class RadioMLDataModule(KDDataModule):
     (labels and SNRs only: ~20 MB); use ``num_workers > 0`` to overlap HDF5 reads with training.
 
     Args:
-        root: folder that holds the file.
         version: ``"2016.10a"``, ``"2016.10b"`` or ``"2018.01A"``.
-        file: file name (relative to ``root``) or absolute path; ``None`` is the official name
-            (:data:`FILE_NAMES`; for 2018.01A, ``root/2018.01/`` is searched too).
-        download: nothing is ever downloaded (DeepSig asks for a licence form); ``True`` only adds a
-            note to the missing-file error.
+        file: file name (relative to ``root``, the folder that holds it) or absolute path; ``None`` is the
+            official name (:data:`FILE_NAMES`; for 2018.01A, ``root/2018.01/`` is searched too). Nothing is ever
+            downloaded (DeepSig asks for a licence form); ``download: true`` only adds a note to the
+            missing-file error.
         batch_size: training batch size.
-        eval_batch_size: validation/test batch size; ``None`` means ``batch_size``.
         num_workers: DataLoader worker processes.
-        val_split: not used; must stay ``0`` (set ``splits``).
-        split_seed: seed of the (modulation, SNR)-stratified split.
-        pin_memory: pin host memory for faster host-to-GPU copies.
-        drop_last: drop the last incomplete training batch.
         splits: ``(train, val, test)`` shares of every (modulation, SNR) group; must sum to 1,
             ``train > 0``, ``val > 0``, ``test >= 0``.
         min_snr: drop frames below this SNR (dB); ``None`` keeps all.
@@ -382,6 +374,8 @@ class RadioMLDataModule(KDDataModule):
             to 1) or ``"none"``.
         modulations: subset of the version's modulations (names as in :data:`CLASSES`); ``None``
             uses all of them.
+        **kwargs: the shared arguments of :class:`~kd_lightning.data.base.KDDataModule` (``root``,
+            ``download``, ``eval_batch_size``, ``split_seed`` (of the (modulation, SNR)-stratified split), ...).
 
     Attributes:
         num_classes: number of classes (known at construction; linked into the model).
@@ -399,42 +393,21 @@ class RadioMLDataModule(KDDataModule):
 
     def __init__(
         self,
-        root: str = "data",
         version: Version = "2016.10a",
         file: str | None = None,
-        download: bool = False,
         batch_size: int = 256,
-        eval_batch_size: int | None = None,
         num_workers: int = 0,
-        val_split: float = 0.0,
-        split_seed: int = 0,
-        pin_memory: bool = True,
-        drop_last: bool = False,
         splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
         min_snr: int | None = None,
         max_snr: int | None = None,
         snr_filter_on: Literal["train", "all"] = "train",
         normalize: Normalization = "rms",
         modulations: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_split=val_split,
-            split_seed=split_seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-        )
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         if version not in CLASSES:
             raise KDConfigError(f"data.init_args.version must be one of {sorted(CLASSES)}, got {version!r}.")
-        if val_split != 0:
-            raise KDConfigError(
-                "RadioMLDataModule has a fixed train/val/test split: leave data.init_args.val_split at 0 "
-                f"(got {val_split}) and set data.init_args.splits instead."
-            )
         splits = tuple(float(s) for s in splits)  # type: ignore[assignment]
         if len(splits) != 3 or splits[0] <= 0 or splits[1] <= 0 or splits[2] < 0 or abs(sum(splits) - 1) > 1e-6:
             raise KDConfigError(
@@ -531,7 +504,7 @@ class RadioMLDataModule(KDDataModule):
         keys = sorted((k for k in data if k[0] in label_of), key=lambda k: (label_of[k[0]], k[1]))
         lengths = {data[k].shape[2] for k in keys}
         if len(lengths) != 1:
-            raise ValueError(f"{self.path}: frames of different lengths {sorted(lengths)}.")
+            raise KDConfigError(f"{self.path}: frames of different lengths {sorted(lengths)}.")
         total = sum(len(data[k]) for k in keys)
         frames = torch.empty(total, 2, lengths.pop(), dtype=torch.float32)
         targets = np.empty(total, np.int64)
@@ -551,18 +524,18 @@ class RadioMLDataModule(KDDataModule):
         with h5py.File(self.path, "r") as f:
             missing = [k for k in ("X", "Y", "Z") if k not in f]
             if missing:
-                raise ValueError(f"{self.path} has no dataset {missing[0]!r} (keys: {sorted(f.keys())}).")
+                raise KDConfigError(f"{self.path} has no dataset {missing[0]!r} (keys: {sorted(f.keys())}).")
             x, y, z = f["X"], f["Y"], f["Z"]
             n = x.shape[0]
             if x.ndim != 3 or x.shape[2] != 2:
-                raise ValueError(f"{self.path}: X has shape {x.shape}, expected [N, L, 2].")
+                raise KDConfigError(f"{self.path}: X has shape {x.shape}, expected [N, L, 2].")
             if y.shape != (n, len(CLASSES_2018)):
-                raise ValueError(
+                raise KDConfigError(
                     f"{self.path}: Y has shape {y.shape}, expected one-hot [{n}, {len(CLASSES_2018)}] "
                     "(RadioML 2018.01A classes-fixed order)."
                 )
             if z.shape[0] != n:
-                raise ValueError(f"{self.path}: Z has {z.shape[0]} rows, X has {n}.")
+                raise KDConfigError(f"{self.path}: Z has {z.shape[0]} rows, X has {n}.")
             chunk = 1 << 16  # Y is ~500 MB in int64 for the full file: argmax it in chunks
             labels = np.concatenate(
                 [np.argmax(y[i : i + chunk], axis=1) for i in range(0, n, chunk)] or [np.empty(0, np.int64)]

@@ -62,24 +62,23 @@ frames do not depend on which other keys are generated.
 
 from __future__ import annotations
 
-import argparse
 import math
 import pickle
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kd_lightning.data.radioml import CLASSES, CLASSES_2018, FILE_NAMES, FRAME_LENGTHS, SNRS
+from kd_lightning.data.radioml import CLASSES, CLASSES_2018, SNRS
+from kd_lightning.errors import KDConfigError
 
 __all__ = [
     "ALIASES_2018",
     "MODULATIONS",
     "SynthConfig",
     "generate",
-    "main",
     "rrc_taps",
     "write_hdf5",
     "write_pickle",
@@ -105,7 +104,7 @@ def _qam(m: int) -> np.ndarray:
         n = 2 * math.ceil(math.sqrt(m) / 2)
         c = math.isqrt((n * n - m) // 4)
         if n * n - 4 * c * c != m:
-            raise ValueError(f"no square or cross QAM with {m} points")
+            raise KDConfigError(f"no square or cross QAM with {m} points")
         levels = np.arange(-(n - 1), n, 2)
         grid = (levels[:, None] + 1j * levels[None, :]).ravel()
         edge = n - 1 - 2 * c
@@ -215,7 +214,7 @@ class SynthConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"SynthConfig: invalid {bad[0]}={getattr(self, bad[0])!r}.")
+            raise KDConfigError(f"SynthConfig: invalid {bad[0]}={getattr(self, bad[0])!r}.")
 
 
 def rrc_taps(rolloff: float, span: int, sps: int) -> np.ndarray:
@@ -315,7 +314,7 @@ def _baseband(mod: str, n: int, length: int, cfg: SynthConfig, rng: np.random.Ge
         if mod == "AM-SSB-WC":
             return 1.0 + cfg.am_index * _analytic(m)
         return np.exp(2j * np.pi * cfg.fm_deviation * np.cumsum(m, axis=1))
-    raise ValueError(f"unknown modulation {mod!r}; known: {list(MODULATIONS)}")
+    raise KDConfigError(f"unknown modulation {mod!r}; known: {list(MODULATIONS)}")
 
 
 def _shape(symbols: np.ndarray, taps: np.ndarray, sps: int) -> np.ndarray:
@@ -333,7 +332,7 @@ def _channel(x: np.ndarray, length: int, cfg: SynthConfig, rng: np.random.Genera
     ratio = np.clip(ratio, 1 - 5 * cfg.sro_std, 1 + 5 * cfg.sro_std)
     room = total - 2 - (needed - 1) * ratio  # latest start that stays inside x
     if np.any(room < 0):
-        raise ValueError("internal: baseband too short for the sample-rate offset")
+        raise KDConfigError("internal: baseband too short for the sample-rate offset")
     start = np.floor(rng.uniform(0, 1, n) * room)  # whole samples: fractional timing comes from the SRO alone
     t = start[:, None] + np.arange(needed)[None, :] * ratio[:, None]
     i0 = np.floor(t).astype(np.int64)
@@ -394,9 +393,9 @@ def generate(
     snrs = list(SNRS["2016.10a"] if snrs is None else snrs)
     unknown = [m for m in modulations if m not in MODULATIONS]
     if unknown:
-        raise ValueError(f"unknown modulations {unknown}; known: {list(MODULATIONS)}")
+        raise KDConfigError(f"unknown modulations {unknown}; known: {list(MODULATIONS)}")
     if frames_per_key < 1 or frame_length < 2:
-        raise ValueError(f"frames_per_key and frame_length must be positive, got {frames_per_key}, {frame_length}.")
+        raise KDConfigError(f"frames_per_key and frame_length must be positive, got {frames_per_key}, {frame_length}.")
     noisy: dict[tuple[str, int], np.ndarray] = {}
     clean: dict[tuple[str, int], np.ndarray] = {}
     n_taps = max(len(cfg.multipath_profile), 1)
@@ -439,7 +438,7 @@ def write_hdf5(frames: dict[tuple[str, int], np.ndarray], path: str | Path) -> P
     bad = sorted({m for m, _ in frames if m not in CLASSES_2018})
     if bad:
         hint = {m: ALIASES_2018[m] for m in bad if m in ALIASES_2018}
-        raise ValueError(
+        raise KDConfigError(
             f"modulations {bad} are not RML2018.01A classes {list(CLASSES_2018)}"
             + (f" (use {hint})" if hint else "")
             + "."
@@ -447,7 +446,7 @@ def write_hdf5(frames: dict[tuple[str, int], np.ndarray], path: str | Path) -> P
     keys = sorted(frames, key=lambda k: (CLASSES_2018.index(k[0]), k[1]))
     lengths = {frames[k].shape[2] for k in keys}
     if len(lengths) != 1:
-        raise ValueError(f"frames of different lengths {sorted(lengths)}")
+        raise KDConfigError(f"frames of different lengths {sorted(lengths)}")
     total = sum(len(frames[k]) for k in keys)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -466,96 +465,3 @@ def write_hdf5(frames: dict[tuple[str, int], np.ndarray], path: str | Path) -> P
         f.create_dataset("Y", data=y)
         f.create_dataset("Z", data=z)
     return path
-
-
-def _parser() -> argparse.ArgumentParser:
-    defaults = SynthConfig()
-    parser = argparse.ArgumentParser(
-        prog="kd radioml-synth",
-        description="Write synthetic RadioML-like files (an approximation of DeepSig's datasets, not a copy) "
-        "in the layouts RadioMLDataModule reads.",
-    )
-    parser.add_argument("--out", required=True, help="output folder (the data module's root)")
-    parser.add_argument(
-        "--format",
-        nargs="+",
-        choices=sorted(FILE_NAMES),
-        default=["2016.10a"],
-        help="layouts to write: 2016.10a / 2016.10b (pickle), 2018.01A (HDF5, needs h5py)",
-    )
-    parser.add_argument("--file", default=None, help="file name (one format only); default: the official name")
-    parser.add_argument(
-        "--modulations",
-        nargs="+",
-        default=None,
-        help="modulations (default: all of the format; RML2016 names are mapped to RML2018 classes for 2018.01A)",
-    )
-    parser.add_argument("--snrs", nargs="+", type=int, default=None, help="SNRs in dB (default: the format's grid)")
-    parser.add_argument(
-        "--snr-range", nargs=3, type=int, metavar=("START", "STOP", "STEP"), help="SNR grid, STOP included"
-    )
-    parser.add_argument(
-        "--frames", type=int, default=None, help="frames per (modulation, SNR) (default 200; 32 for 2018.01A)"
-    )
-    parser.add_argument("--length", type=int, default=None, help="frame length L (default 128; 1024 for 2018.01A)")
-    parser.add_argument("--seed", type=int, default=0)
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if name == "multipath_profile":
-            parser.add_argument(flag, nargs="*", type=float, default=list(value), help="tap powers; none: no fading")
-        elif name == "phase_offset":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif name == "frame_rms":
-            parser.add_argument(flag, type=float, default=value, help="RMS of each frame; 0: unscaled")
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``kd radioml-synth --out DIR [--format 2016.10a 2018.01A] ...``: write synthetic RadioML files."""
-    args = _parser().parse_args(argv)
-    if args.file and len(args.format) > 1:
-        raise SystemExit("kd radioml-synth: --file needs exactly one --format")
-    settings = {name: getattr(args, name) for name in asdict(SynthConfig())}
-    settings["multipath_profile"] = tuple(settings["multipath_profile"])
-    settings["frame_rms"] = settings["frame_rms"] or None
-    try:
-        config = SynthConfig(**settings)
-    except ValueError as err:
-        raise SystemExit(f"kd radioml-synth: {err}") from None
-    out = Path(args.out)
-    for version in args.format:
-        modulations = list(CLASSES[version]) if args.modulations is None else list(args.modulations)
-        if version == "2018.01A":
-            modulations = [ALIASES_2018.get(m, m) for m in modulations]
-            bad = [m for m in modulations if m not in CLASSES_2018]
-        else:
-            bad = [m for m in modulations if m not in CLASSES[version]]
-        if bad:
-            raise SystemExit(
-                f"kd radioml-synth: {bad} are not RadioML {version} modulations ({list(CLASSES[version])})."
-            )
-        if args.snr_range:
-            start, stop, step = args.snr_range
-            snrs = list(range(start, stop + (1 if step > 0 else -1), step))
-        else:
-            snrs = args.snrs or list(SNRS[version])
-        frames_per_key = args.frames or (32 if version == "2018.01A" else 200)
-        length = args.length or FRAME_LENGTHS[version]
-        frames = generate(modulations, snrs, frames_per_key, length, args.seed, config)
-        path = out / (args.file or FILE_NAMES[version])
-        if version == "2018.01A":
-            write_hdf5(frames, path)  # type: ignore[arg-type]
-        else:
-            write_pickle(frames, path)  # type: ignore[arg-type]
-        n = len(modulations) * len(snrs) * frames_per_key
-        print(
-            f"wrote {path}: RadioML {version} layout (synthetic approximation), {len(modulations)} modulations x "
-            f"{len(snrs)} SNRs x {frames_per_key} frames = {n} frames of [2, {length}]; read it with "
-            f"RadioMLDataModule(root={str(out)!r}, version={version!r}"
-            + (f", file={args.file!r}" if args.file else "")
-            + (f", modulations={modulations}" if set(modulations) != set(CLASSES[version]) else "")
-            + ")",
-            flush=True,
-        )

@@ -1,14 +1,9 @@
 """Offline teacher logits for language models: top-k log-probabilities per token, computed once, memory-mapped.
 
-    kd lm-teacher-logits --config configs/lm_stdlib_fkl.yaml --out runs/teacher_logits/stdlib --k 64
-    kd lm-teacher-logits --config my.yaml --teacher_ckpt runs/teacher.ckpt --split train --k 32 --batch_size 32
-    kd lm-teacher-logits --config my.yaml --out DIR --data.init_args.block_size=256   # dotted overrides pass through
-
-The command parses the config like ``kd fit`` (:class:`kd_lightning.cli.KDCLI`, ``run=False``), takes the
-method's ``teacher`` (with ``model.init_args.teacher_ckpt``, or ``--teacher_ckpt``, or as constructed when
-``teacher_training.enabled`` is false, e.g. a pretrained ``HFCausalLM``) and the data module's split, runs
-the teacher once in eval mode over every sequence and writes, for every real token (``attention_mask``
-true) of every sequence, in the order of ``sample_index``:
+The store format (written by :func:`write_teacher_logits`, read by :class:`TeacherLogitStore`; the command is
+``kd lm-teacher-logits``, :mod:`kd_lightning.commands.lm_teacher_logits`). The teacher runs once in eval mode
+over every sequence of a split; for every real token (``attention_mask`` true) of every sequence, in the
+order of ``sample_index``:
 
 ==========================  =========================  ===============================================
 file                        dtype, shape               content
@@ -37,36 +32,31 @@ refuses a store whose fingerprints differ from the teacher's weights or the spli
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.errors import KDConfigError
-from kd_lightning.fingerprint import json_digest, module_digest, update_with_tensor
-from kd_lightning.losses._common import check_temperature, upcast
+from kd_lightning.losses._common import check_temperature
+from kd_lightning.losses.sparse import TopKTargets, topk_targets
+from kd_lightning.utils.fingerprint import json_digest, module_digest, update_with_tensor
 
 __all__ = [
     "FORMAT",
     "TeacherLogitStore",
-    "TopKTargets",
     "data_fingerprint",
-    "main",
-    "sparse_kl",
     "teacher_fingerprint",
     "write_teacher_logits",
 ]
@@ -74,133 +64,7 @@ __all__ = [
 #: Name and version of the file layout (in the header; a reader refuses other versions).
 FORMAT = "kd-lightning-teacher-topk"
 FORMAT_VERSION = 1
-_FILES = ("logprobs.npy", "indices.npy", "tail_logmass.npy", "tokens.npy", "offsets.npy")
-Tail = Literal["bucket", "zero", "uniform"]
-Reduction = Literal["mean", "sum", "none"]
-
-
-# ---------------------------------------------------------------------------------------------- targets
-@dataclass
-class TopKTargets:
-    """Sparse teacher targets of a batch: ``logprobs`` and ``indices`` ``[..., k]``, ``tail_logmass`` ``[...]``.
-
-    ``logprobs`` are float32 (read from fp16), ``indices`` int64, ``tail_logmass`` float32 (``log`` of the
-    probability outside the top k; ``-inf`` when there is none). Positions without a stored token
-    (padding) hold a uniform top-k with an empty tail; mask them out.
-    """
-
-    logprobs: Tensor
-    indices: Tensor
-    tail_logmass: Tensor
-
-    def __post_init__(self) -> None:
-        if self.logprobs.shape != self.indices.shape or self.logprobs.shape[:-1] != self.tail_logmass.shape:
-            raise ValueError(
-                f"TopKTargets: logprobs {tuple(self.logprobs.shape)} and indices {tuple(self.indices.shape)} must be "
-                f"[..., k] with tail_logmass [...], got tail_logmass {tuple(self.tail_logmass.shape)}."
-            )
-
-    @property
-    def k(self) -> int:
-        return int(self.logprobs.shape[-1])
-
-    def shifted(self) -> TopKTargets:
-        """``[:, :-1]`` of ``[B, T, ...]`` targets: aligned with ``shift_for_next_token``'s logits."""
-        return TopKTargets(self.logprobs[:, :-1], self.indices[:, :-1], self.tail_logmass[:, :-1])
-
-    def to(self, device: torch.device | str) -> TopKTargets:
-        return TopKTargets(self.logprobs.to(device), self.indices.to(device), self.tail_logmass.to(device))
-
-
-def topk_targets(logits: Tensor, k: int, temperature: float = 1.0) -> TopKTargets:
-    """Exact :class:`TopKTargets` of ``[..., V]`` logits (float32 or float64; what the writer stores before fp16)."""
-    check_temperature(temperature)
-    vocab = logits.shape[-1]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k must be in [1, {vocab}] (the vocabulary), got {k}.")
-    logp = F.log_softmax(upcast(logits) / temperature, dim=-1)
-    values, indices = logp.topk(k, dim=-1)
-    if k == vocab:
-        tail = torch.full(logp.shape[:-1], -math.inf, dtype=logp.dtype, device=logp.device)
-    else:
-        tail = torch.logsumexp(logp.scatter(-1, indices, -math.inf), dim=-1)
-    return TopKTargets(values, indices, tail)
-
-
-# ------------------------------------------------------------------------------------------- sparse KL
-def sparse_kl(
-    student_logits: Tensor,
-    targets: TopKTargets,
-    mask: Tensor | None = None,
-    tail: Tail = "bucket",
-    temperature: float = 1.0,
-    reduction: Reduction = "mean",
-) -> Tensor:
-    """Forward KL ``KL(p_T ‖ q)`` per token from sparse teacher targets (top-k + tail mass).
-
-    With ``K`` the teacher's top-k tokens, ``p_i = exp(logprobs_i)`` and ``P = exp(tail_logmass)``:
-
-    - ``"bucket"`` (default): the tokens outside ``K`` form one bucket on both sides,
-      ``Σ_{i∈K} p_i log(p_i/q_i) + P log(P / Q)``, ``Q = Σ_{j∉K} q_j``. Equals the full KL when ``k = V``.
-    - ``"zero"``: the teacher is renormalised over ``K`` (no mass outside), ``Σ_{i∈K} p̃_i log(p̃_i/q_i)``.
-    - ``"uniform"``: ``P`` is spread evenly over the ``V − k`` other tokens.
-
-    The teacher side (top-k and tail) is renormalised to sum to 1 first (fp16 storage leaves it off by
-    about 1e-3), so every variant is ≥ 0 and 0 when the student matches the (sparse) teacher.
-    ``temperature`` divides the student logits only: the teacher's targets are used as stored (write
-    them at the temperature you train with).
-
-    Args:
-        student_logits: ``[..., V]``, aligned with the targets (shift both the same way).
-        targets: :class:`TopKTargets` ``[..., k]``.
-        mask: ``[...]`` bool, tokens that count.
-        tail: ``"bucket"``, ``"zero"`` or ``"uniform"``.
-        temperature: of the student's softmax.
-        reduction: ``"mean"`` over the masked tokens, ``"sum"`` or ``"none"`` (zero where masked).
-    """
-    from kd_lightning.losses.divergences import reduce_items
-
-    check_temperature(temperature)
-    if tail not in ("bucket", "zero", "uniform"):
-        raise ValueError(f"tail must be 'bucket', 'zero' or 'uniform', got {tail!r}.")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
-    if targets.logprobs.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(
-            f"targets {tuple(targets.logprobs.shape)} do not match student_logits {tuple(student_logits.shape)} in "
-            "their token dimensions (shift both: targets.shifted() with shift_for_next_token's logits)."
-        )
-    vocab, k = student_logits.shape[-1], targets.k
-    if k > vocab:
-        raise ValueError(f"targets have k = {k} entries per token but the student's vocabulary is {vocab}.")
-    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
-    dtype = log_q.dtype
-    index = targets.indices.to(device=log_q.device, dtype=torch.long)
-    lp = targets.logprobs.to(device=log_q.device, dtype=dtype)
-    tail_lm = targets.tail_logmass.to(device=log_q.device, dtype=dtype)
-    has_tail = torch.isfinite(tail_lm) & (k < vocab) if tail != "zero" else torch.zeros_like(tail_lm, dtype=torch.bool)
-    tail_safe = torch.where(has_tail, tail_lm, torch.zeros_like(tail_lm))
-    # Renormalise the teacher side: log Z = logsumexp(top-k ∪ tail).
-    pieces = torch.cat([lp, torch.where(has_tail, tail_lm, torch.full_like(tail_lm, -math.inf)).unsqueeze(-1)], -1)
-    log_z = torch.logsumexp(pieces, dim=-1)
-    lp = lp - log_z.unsqueeze(-1)
-    tail_safe = tail_safe - log_z
-    lq_k = log_q.gather(-1, index)
-    per_token = (lp.exp() * (lp - lq_k)).sum(-1)
-    if tail != "zero" and k < vocab:
-        p_tail = torch.where(has_tail, tail_safe.exp(), torch.zeros_like(tail_safe))
-        if tail == "bucket":
-            lq_tail = torch.logsumexp(log_q.scatter(-1, index, -math.inf), dim=-1)
-            per_token = per_token + p_tail * (tail_safe - lq_tail)
-        else:
-            others = vocab - k
-            sum_lq_tail = log_q.sum(-1) - lq_k.sum(-1)
-            per_token = per_token + p_tail * (tail_safe - math.log(others)) - p_tail / others * sum_lq_tail
-    if mask is not None:
-        mask = mask.to(per_token.device)
-    if reduction == "sum":
-        return reduce_items(per_token, mask, "none").sum()
-    return reduce_items(per_token, mask, reduction)
+STORE_FILES = ("logprobs.npy", "indices.npy", "tail_logmass.npy", "tokens.npy", "offsets.npy")
 
 
 # -------------------------------------------------------------------------------------------- fingerprints
@@ -428,7 +292,7 @@ class TeacherLogitStore:
                 f"{self.path} is not a {FORMAT} store of version {FORMAT_VERSION} "
                 f"(format {self.header.get('format')!r}, version {self.header.get('version')!r}): write it again."
             )
-        missing = [name for name in _FILES if not (self.path / name).is_file()]
+        missing = [name for name in STORE_FILES if not (self.path / name).is_file()]
         if missing:
             raise KDConfigError(f"the teacher-logit store {self.path} is incomplete: {missing} missing.")
         self.verify_tokens = verify_tokens
@@ -493,7 +357,7 @@ class TeacherLogitStore:
     def arrays(self) -> dict[str, np.ndarray]:
         """The memory-mapped arrays (opened on first use, in each process)."""
         if self._arrays is None:
-            self._arrays = {name[:-4]: np.load(self.path / name, mmap_mode="r") for name in _FILES}
+            self._arrays = {name[:-4]: np.load(self.path / name, mmap_mode="r") for name in STORE_FILES}
         return self._arrays
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers / DDP spawn re-open the memory maps
@@ -543,117 +407,3 @@ class TeacherLogitStore:
             f"TeacherLogitStore({str(self.path)!r}, split={self.header.get('split')!r}, sequences={len(self)}, "
             f"tokens={self.header.get('num_tokens')}, k={self.k}, vocab={self.vocab_size})"
         )
-
-
-# --------------------------------------------------------------------------------------------- command
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kd lm-teacher-logits",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", action="append", required=True, help="a kd fit config (repeatable, like kd fit)")
-    parser.add_argument("--out", type=Path, required=True, help="folder of the store (must not exist)")
-    parser.add_argument("--split", choices=("train", "val", "test"), default="train")
-    parser.add_argument("--k", type=int, default=64, help="top-k tokens stored per position (default 64)")
-    parser.add_argument("--batch_size", type=int, default=None, help="default: the data module's eval_batch_size")
-    parser.add_argument("--temperature", type=float, default=1.0, help="τ of the stored log-softmax (default 1)")
-    parser.add_argument("--teacher_ckpt", default=None, help="teacher weights (overrides model.init_args.teacher_ckpt)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--precision", choices=("32", "bf16", "16"), default="32", help="autocast of the teacher")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    return parser
-
-
-def _teacher_and_data(args: argparse.Namespace, overrides: Sequence[str]) -> tuple[nn.Module, Any, dict[str, Any]]:
-    from jsonargparse import namespace_to_dict
-
-    from kd_lightning.cli import KDCLI
-    from kd_lightning.teachers import load_weights
-
-    cli_args: list[str] = []
-    for config in args.config:
-        cli_args += ["--config", config]
-    cli_args += [*overrides, "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
-    cli = KDCLI(run=False, args=cli_args)
-    teacher = getattr(cli.model, "teacher", None)
-    if not isinstance(teacher, nn.Module):
-        raise KDConfigError(
-            f"{type(cli.model).__name__} has no teacher: give a distillation config (model.init_args.teacher)."
-        )
-    config = cli.config
-    init_args = config["model"]["init_args"]
-    ckpt = args.teacher_ckpt or init_args.get("teacher_ckpt")
-    if args.teacher_ckpt:
-        load_weights(teacher, args.teacher_ckpt, "--teacher_ckpt")
-    elif not ckpt:
-        training = config.get("teacher_training")
-        if training is None or training.get("enabled", True):
-            raise KDConfigError(
-                "no teacher weights: set model.init_args.teacher_ckpt or pass --teacher_ckpt (a teacher that `kd fit` "
-                "trained is cached under teacher_training.cache_dir; its path is printed by the fit), or set "
-                "teacher_training.enabled=false to use the teacher as constructed (e.g. a pretrained HFCausalLM)."
-            )
-    data_config = namespace_to_dict(config["data"]) if hasattr(config["data"], "items") else config["data"]
-    teacher_config = init_args.get("teacher")
-    description = {
-        "teacher_ckpt": str(ckpt) if ckpt else None,
-        "teacher_config": namespace_to_dict(teacher_config) if hasattr(teacher_config, "items") else teacher_config,
-        "data_config": data_config,
-        "configs": [str(c) for c in args.config],
-    }
-    return teacher, cli.datamodule, description
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``kd lm-teacher-logits``: write the store, print a summary and return its header."""
-    import sys
-
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    if args.k < 1:
-        parser.error(f"--k must be >= 1, got {args.k}")
-    if not args.temperature > 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature}")
-    teacher, datamodule, description = _teacher_and_data(args, overrides)
-    datamodule.setup("fit")
-    dataset = {"train": "train_set", "val": "val_set", "test": "test_set"}[args.split]
-    data = getattr(datamodule, dataset, None)
-    if data is None:
-        raise KDConfigError(f"{type(datamodule).__name__} has no {args.split} split ({dataset} is empty after setup).")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
-    header = write_teacher_logits(
-        teacher,
-        data,
-        args.out,
-        k=args.k,
-        batch_size=args.batch_size or getattr(datamodule, "eval_batch_size", None) or 16,
-        temperature=args.temperature,
-        pad_token_id=int(getattr(datamodule, "pad_token_id", 0)),
-        device=device,
-        autocast_dtype=autocast,
-        split=args.split,
-        description={**description, "data_identity": _identity(datamodule)},
-        overwrite=args.overwrite,
-        progress=True,
-    )
-    size = sum((args.out / name).stat().st_size for name in _FILES)
-    print(
-        f"kd lm-teacher-logits: wrote {args.out} — split {args.split}, {header['num_sequences']} sequences, "
-        f"{header['num_tokens']} tokens, k={args.k} of {header['vocab_size']}, {size / 2**20:.1f} MiB "
-        f"({size / max(header['num_tokens'], 1):.0f} B/token), fingerprint {header['fingerprint']['combined']} "
-        f"in {header['seconds']:.1f} s",
-        flush=True,
-    )
-    return header
-
-
-def _identity(datamodule: Any) -> Any:
-    try:
-        return datamodule.data_identity() if hasattr(datamodule, "data_identity") else None
-    except Exception as err:  # informative only
-        return f"unavailable: {err}"

@@ -99,7 +99,7 @@ class ByteTokenizer:
 
     def __init__(self, multiple_of: int = 8) -> None:
         if multiple_of < 1:
-            raise ValueError(f"multiple_of must be >= 1, got {multiple_of}.")
+            raise KDConfigError(f"multiple_of must be >= 1, got {multiple_of}.")
         self.pad_token_id = 256
         self.bos_token_id: int | None = 257
         self.eos_token_id: int | None = 258
@@ -239,7 +239,7 @@ class TokenSequences(Dataset):
 
     def __init__(self, tokens: Tensor, starts: Tensor, lengths: Tensor, prompt_lengths: Tensor | None = None) -> None:
         if not (len(starts) == len(lengths)) or (prompt_lengths is not None and len(prompt_lengths) != len(starts)):
-            raise ValueError("starts, lengths and prompt_lengths must have one entry per sequence.")
+            raise KDConfigError("starts, lengths and prompt_lengths must have one entry per sequence.")
         self.tokens = tokens
         self.starts = starts.long()
         self.lengths = lengths.long()
@@ -303,7 +303,7 @@ def left_pad_prompts(
     else:
         lengths = torch.minimum(batch["prompt_lengths"].to(real.device), real)
     if bool((lengths < 1).any()):
-        raise ValueError(
+        raise KDConfigError(
             "some rows have no prompt token (plain-text batches have prompt_lengths 0): pass prompt_length."
         )
     width = int(lengths.max())
@@ -349,7 +349,7 @@ class TokenBatchLoader(DataLoader):
     ) -> None:
         super().__init__(dataset, *args, **kwargs)
         if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
+            raise KDConfigError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
         self.accumulate_grad_batches = accumulate_grad_batches
         self.limit_batches = limit_batches
 
@@ -424,15 +424,10 @@ class TextDataModule(KDDataModule):
     trainer's, else 1.
 
     Args:
-        root: folder that relative ``paths`` are read from.
-        download: ignored (nothing to download).
+        **kwargs: the shared arguments of :class:`~kd_lightning.data.base.KDDataModule` (``root``,
+            ``download``, ``batch_size``, ``num_workers``, ``split_seed``, ``meta_split``, ...).
         batch_size: training sequences per batch.
-        eval_batch_size: validation/test batch size; ``None`` means ``batch_size``.
         num_workers: DataLoader workers (0: the tokens are in memory already).
-        val_split: must stay 0 (set ``val_fraction``).
-        split_seed: seed of the document split (and of the ``max_files``/``max_bytes`` subset).
-        pin_memory: pin host memory for faster host-to-GPU copies.
-        drop_last: drop the last incomplete training batch.
         source: ``"files"`` (``paths``) or ``"stdlib"`` (the standard library's own source).
         paths: files, folders or glob patterns (one string or a list).
         data_format: ``"text"`` or ``"jsonl"``.
@@ -457,15 +452,8 @@ class TextDataModule(KDDataModule):
 
     def __init__(
         self,
-        root: str = "data",
-        download: bool = False,
         batch_size: int = 16,
-        eval_batch_size: int | None = None,
         num_workers: int = 0,
-        val_split: float = 0.0,
-        split_seed: int = 0,
-        pin_memory: bool = True,
-        drop_last: bool = False,
         source: Literal["files", "stdlib"] = "files",
         paths: str | list[str] | None = None,
         data_format: Literal["text", "jsonl"] = "text",
@@ -485,23 +473,9 @@ class TextDataModule(KDDataModule):
         pad_to_multiple_of: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_split=val_split,
-            split_seed=split_seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-        )
-        if val_split != 0:
-            raise KDConfigError(
-                "TextDataModule splits documents itself: leave data.init_args.val_split at 0 "
-                f"(got {val_split}) and set data.init_args.val_fraction instead."
-            )
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         if source not in ("files", "stdlib"):
             raise KDConfigError(f"data.init_args.source must be 'files' or 'stdlib', got {source!r}.")
         if data_format not in ("text", "jsonl"):

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from kd_lightning.errors import KDConfigError
+
 
 class RandomTranslate:
     """Shift a ``[C, H, W]`` image by up to ``padding`` pixels on each axis, filling with ``fill``.
@@ -22,7 +24,7 @@ class RandomTranslate:
 
     def __init__(self, padding: int, fill: float = 0.0) -> None:
         if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}.")
+            raise KDConfigError(f"padding must be >= 0, got {padding}.")
         self.padding = padding
         self.fill = fill
 
@@ -82,7 +84,7 @@ class ToFloatNormalize:
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
         if (self.std <= 0).any():
-            raise ValueError(f"std must be positive, got {std}.")
+            raise KDConfigError(f"std must be positive, got {std}.")
         self.scale = scale
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ padding 4), which is also the one view of the evaluation path. The padding fill 
 ``uint8`` image, before normalisation (torchvision's ``RandomCrop(fill=0)`` on ``ToTensor``-ed data).
 
 A teacher in eval mode is a deterministic function of the pixels, so its logits per
-``(image index, view)`` are exact for every epoch: :mod:`kd_lightning.teacher_logit_cache` stores them.
+``(image index, view)`` are exact for every epoch: :mod:`kd_lightning.teachers.logit_cache` stores them.
 Everything here is pure torch.
 """
 
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from kd_lightning.data.base import TensorImageDataset
 from kd_lightning.data.transforms import translate
+from kd_lightning.errors import KDConfigError
 
 __all__ = [
     "CROP_PADDING",
@@ -100,7 +101,7 @@ class RandomCropFlipView:
 
     def __init__(self, padding: int = CROP_PADDING, p: float = 0.5, enabled: bool = True, fill: float = 0.0) -> None:
         if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}.")
+            raise KDConfigError(f"padding must be >= 0, got {padding}.")
         self.padding = padding
         self.p = p
         self.enabled = enabled

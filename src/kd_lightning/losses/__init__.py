@@ -1,7 +1,9 @@
 """Distillation losses in plain torch: usable without Lightning or kd-lightning's Trainer.
 
 Loss modules are called as ``loss(student_logits, teacher_logits, target)`` and return
-``{"loss": total, **weighted_parts}``; functions return scalars (or per-item values).
+``{"loss": total, **weighted_parts}`` (:func:`~kd_lightning.losses.terms.weighted_terms`); functions return
+scalars (or per-item values). Losses that change over training follow the scheduled-loss protocol
+(:class:`~kd_lightning.losses.schedule.ScheduledLoss`).
 
 Example:
     >>> import torch
@@ -92,7 +94,6 @@ from kd_lightning.losses.mae import (
     normalized_l1_loss,
     patchify,
     random_masking,
-    sincos_pos_embed_2d,
     unpatchify,
 )
 from kd_lightning.losses.mix_kd import (
@@ -114,6 +115,7 @@ from kd_lightning.losses.relation import (
     rkd_angles,
     rkd_distance_loss,
 )
+from kd_lightning.losses.schedule import Progress, ScheduledLoss
 from kd_lightning.losses.self_distill import (
     GTSelfDistillLoss,
     kernel_ridge_self_distillation,
@@ -126,6 +128,7 @@ from kd_lightning.losses.self_distill import (
 from kd_lightning.losses.skd import (
     SKDLoss,
 )
+from kd_lightning.losses.sparse import TopKTargets, sparse_kl, topk_targets
 from kd_lightning.losses.swing import (
     PrivacyScores,
     SwingLoss,
@@ -141,6 +144,7 @@ from kd_lightning.losses.taid import (
     taid_interpolated_logits,
     taid_loss,
 )
+from kd_lightning.losses.terms import check_weights, weighted_terms
 from kd_lightning.losses.tgeo_kd import (
     FEATURE_VARIANTS,
     ClassMeanAccumulator,
@@ -195,13 +199,16 @@ __all__ = [
     "MixupPlan",
     "PLDLoss",
     "PrivacyScores",
+    "Progress",
     "RKDLoss",
     "SKDLoss",
+    "ScheduledLoss",
     "SinKDLoss",
     "SwingLoss",
     "TAIDLoss",
     "TGeoKDLoss",
     "TRGLoss",
+    "TopKTargets",
     "adakd_difficulty",
     "align_vocab",
     "all_gather_cat",
@@ -212,6 +219,7 @@ __all__ = [
     "attention_transfer_term",
     "bd_kd_weights",
     "check_vocab_sizes",
+    "check_weights",
     "chunked_distillation_loss",
     "contextual_loss",
     "count_valid_tokens",
@@ -265,7 +273,6 @@ __all__ = [
     "sample_token_indices",
     "select_hardest",
     "shift_for_next_token",
-    "sincos_pos_embed_2d",
     "sinkhorn_distance",
     "sinkhorn_plan",
     "skew_kl",
@@ -273,6 +280,7 @@ __all__ = [
     "soft_cross_entropy",
     "soft_target_kl",
     "softmax_mse",
+    "sparse_kl",
     "standardize_logits",
     "std_scale",
     "swing_temperatures",
@@ -283,6 +291,8 @@ __all__ = [
     "token_graph",
     "token_objective",
     "tokens_from_features",
+    "topk_targets",
     "total_variation",
     "unpatchify",
+    "weighted_terms",
 ]

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import forward_kl, reduce_items, reverse_kl
+from kd_lightning.losses.schedule import Progress, ScheduledLoss
 from kd_lightning.losses.taid import pending_over_ranks
 
 __all__ = ["AdaKDLoss", "adakd_difficulty", "idts_temperatures", "select_hardest"]
@@ -51,7 +53,7 @@ def adakd_difficulty(student_logits: Tensor, teacher_logits: Tensor, score: Scor
             return reverse_kl(s, t, reduction="none")
         if score == "forward_kl":
             return forward_kl(s, t, reduction="none")
-    raise ValueError(f"score must be 'hellinger', 'reverse_kl' or 'forward_kl', got {score!r}.")
+    raise KDConfigError(f"score must be 'hellinger', 'reverse_kl' or 'forward_kl', got {score!r}.")
 
 
 def select_hardest(scores: Tensor, ratio: float, mask: Tensor | None = None) -> Tensor:
@@ -60,10 +62,10 @@ def select_hardest(scores: Tensor, ratio: float, mask: Tensor | None = None) -> 
     No item is selected when no item is valid. Ties are broken by ``torch.topk``.
     """
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}.")
+        raise KDConfigError(f"ratio must be in (0, 1], got {ratio}.")
     valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     if valid.shape != scores.shape:
-        raise ValueError(f"mask must have the items' shape {tuple(scores.shape)}, got {tuple(valid.shape)}.")
+        raise KDConfigError(f"mask must have the items' shape {tuple(scores.shape)}, got {tuple(valid.shape)}.")
     n_valid = int(valid.sum().item())
     selected = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_valid == 0:
@@ -100,7 +102,7 @@ def idts_temperatures(
     return torch.where(valid, base_temperature * torch.exp(sign * scale * u), temperatures)
 
 
-class AdaKDLoss(nn.Module):
+class AdaKDLoss(nn.Module, ScheduledLoss):
     """AdaKD: LATF item selection + IDTS temperatures around a divergence, plus an optional cross-entropy.
 
     ``total = kd_ratio·L_AdaKD + (1 − kd_ratio)·CE(z_S, y)``; returns ``{"loss", "adakd", "ce"}``
@@ -142,6 +144,8 @@ class AdaKDLoss(nn.Module):
         ignore_index: label of items left out of the cross-entropy (padding tokens).
     """
 
+    needs_run_length = True
+
     ratio: Tensor
     ema: Tensor
     reference: Tensor
@@ -171,9 +175,9 @@ class AdaKDLoss(nn.Module):
     ) -> None:
         super().__init__()
         if divergence not in _DIVERGENCES:
-            raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}.")
+            raise KDConfigError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}.")
         if score not in ("hellinger", "reverse_kl", "forward_kl"):
-            raise ValueError(f"score must be 'hellinger', 'reverse_kl' or 'forward_kl', got {score!r}.")
+            raise KDConfigError(f"score must be 'hellinger', 'reverse_kl' or 'forward_kl', got {score!r}.")
         check_temperature(base_temperature, "base_temperature")
         bounds = {  # name: (value, valid, allowed range)
             "temperature_scale": (temperature_scale, temperature_scale >= 0, ">= 0"),
@@ -189,7 +193,7 @@ class AdaKDLoss(nn.Module):
         }
         for name, (value, ok, allowed) in bounds.items():
             if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {value}.")
+                raise KDConfigError(f"{name} must be {allowed}, got {value}.")
         self.divergence: Divergence = divergence
         self.score: Score = score
         self.latf, self.idts, self.temperature_soften = latf, idts, temperature_soften
@@ -246,7 +250,7 @@ class AdaKDLoss(nn.Module):
     ) -> dict[str, Tensor]:
         check_logits(student_logits, teacher_logits, target if self.kd_ratio < 1.0 else None)
         if mask is not None and mask.shape != student_logits.shape[:-1]:
-            raise ValueError(
+            raise KDConfigError(
                 f"mask must have the items' shape {tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}."
             )
         per_item, selected, temperatures = self.distillation_terms(student_logits, teacher_logits, mask)
@@ -261,7 +265,7 @@ class AdaKDLoss(nn.Module):
         parts = {"adakd": self.kd_ratio * distil}
         if self.kd_ratio < 1.0:
             if target is None:
-                raise ValueError(f"kd_ratio={self.kd_ratio} < 1 mixes in a cross-entropy: pass target.")
+                raise KDConfigError(f"kd_ratio={self.kd_ratio} < 1 mixes in a cross-entropy: pass target.")
             flat = upcast(student_logits).reshape(-1, student_logits.shape[-1])
             ce = F.cross_entropy(flat, target.reshape(-1), ignore_index=self.ignore_index, reduction="none")
             keep = target != self.ignore_index
@@ -310,3 +314,16 @@ class AdaKDLoss(nn.Module):
             return False
         self.update_ratio(total / count, progress)
         return True
+
+    def step_schedule(self, progress: Progress) -> None:
+        """Scheduled-loss protocol: once per optimizer step, one LATF update (:meth:`update_schedule`)."""
+        self.update_schedule(progress.fraction if progress.fraction is not None else 0.0)
+
+    def schedule_stats(self) -> dict[str, float | Tensor]:
+        stats: dict[str, float | Tensor] = {
+            "adakd_ratio": float(self.ratio),
+            "adakd_selected": self.last_selected_fraction,
+        }
+        if self.idts and math.isfinite(self.last_mean_temperature):
+            stats["adakd_temperature"] = self.last_mean_temperature
+        return stats

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import entropy, forward_kl, reverse_kl
 
@@ -54,7 +55,7 @@ def bd_kd_weights(
     """
     check_temperature(temperature)
     if weighting not in ("hard", "sigmoid"):
-        raise ValueError(f"weighting must be 'hard' or 'sigmoid', got {weighting!r}.")
+        raise KDConfigError(f"weighting must be 'hard' or 'sigmoid', got {weighting!r}.")
     with torch.no_grad():
         gap = entropy(student_logits.detach(), temperature, reduction="none") - entropy(
             teacher_logits.detach(), temperature, reduction="none"
@@ -110,16 +111,16 @@ class BDKDLoss(nn.Module):
         super().__init__()
         check_temperature(temperature)
         if weighting not in ("hard", "sigmoid"):
-            raise ValueError(f"weighting must be 'hard' or 'sigmoid', got {weighting!r}.")
+            raise KDConfigError(f"weighting must be 'hard' or 'sigmoid', got {weighting!r}.")
         if teacher_kl not in ("reverse", "forward"):
-            raise ValueError(f"teacher_kl must be 'reverse' or 'forward', got {teacher_kl!r}.")
+            raise KDConfigError(f"teacher_kl must be 'reverse' or 'forward', got {teacher_kl!r}.")
         for name, value in (
             ("forward_weight", forward_weight),
             ("reverse_weight", reverse_weight),
             ("other_weight", other_weight),
         ):
             if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}.")
+                raise KDConfigError(f"{name} must be >= 0, got {value}.")
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.teacher_kd_weight = teacher_kd_weight

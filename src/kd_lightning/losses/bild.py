@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import Reduction, forward_kl, mixed_kl, reduce_items, reverse_kl
 
@@ -54,12 +55,12 @@ def pair_differences(values: Tensor) -> Tensor:
 
 def _check_k(k: int, name: str, minimum: int = 2) -> None:
     if k < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (the pairs of {minimum} logits at least), got {k}.")
+        raise KDConfigError(f"{name} must be >= {minimum} (the pairs of {minimum} logits at least), got {k}.")
 
 
 def _check_k_fits(k: int, num_classes: int, name: str) -> None:
     if k > num_classes:
-        raise ValueError(
+        raise KDConfigError(
             f"{name}={k} is larger than the {num_classes} classes of the logits: use {name} <= {num_classes} "
             f"({name}={num_classes} compares every pair of classes)."
         )
@@ -70,7 +71,7 @@ def _leader_logits(student_logits: Tensor, teacher_logits: Tensor, leader: Leade
         return teacher_logits
     if leader == "student":
         return student_logits
-    raise ValueError(f"leader must be 'teacher' or 'student', got {leader!r}.")
+    raise KDConfigError(f"leader must be 'teacher' or 'student', got {leader!r}.")
 
 
 def _gather_top(student_logits: Tensor, teacher_logits: Tensor, k: int, leader: Leader) -> tuple[Tensor, Tensor]:
@@ -117,7 +118,7 @@ def logit_difference_kl(
     _check_k(top_k, "top_k")
     _check_k_fits(top_k, student_logits.shape[-1], "top_k")
     if not 0.0 <= reverse_weight <= 1.0:
-        raise ValueError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
+        raise KDConfigError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
     s, t = _gather_top(student_logits, teacher_logits, top_k, leader)
     return _directed_kl(pair_differences(s), pair_differences(t), reverse_weight, temperature, mask, reduction)
 
@@ -129,11 +130,11 @@ def dynamic_k(logits: Tensor, mass: float = 0.9, k_min: int = 3, k_max: int = 16
     Returns a ``long`` tensor of the leading shape. No gradient.
     """
     if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must be in (0, 1], got {mass}.")
+        raise KDConfigError(f"mass must be in (0, 1], got {mass}.")
     check_temperature(temperature, "mass_temperature")
     _check_k(k_min, "k_min")
     if k_max < k_min:
-        raise ValueError(f"k_max must be >= k_min, got k_max={k_max} and k_min={k_min}.")
+        raise KDConfigError(f"k_max must be >= k_min, got k_max={k_max} and k_min={k_min}.")
     num_classes = logits.shape[-1]
     _check_k_fits(k_min, num_classes, "k_min")
     k_cap = min(k_max, num_classes)
@@ -174,9 +175,9 @@ def dynamic_logit_difference_kl(
     check_logits(student_logits, teacher_logits)
     check_temperature(temperature)
     if not 0.0 <= reverse_weight <= 1.0:
-        raise ValueError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
+        raise KDConfigError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
     if k_source not in ("leader", "teacher"):
-        raise ValueError(f"k_source must be 'leader' or 'teacher', got {k_source!r}.")
+        raise KDConfigError(f"k_source must be 'leader' or 'teacher', got {k_source!r}.")
     source = _leader_logits(student_logits, teacher_logits, leader) if k_source == "leader" else teacher_logits
     k_item = dynamic_k(source, mass, k_min, k_max, mass_temperature)
     k_cap = min(k_max, student_logits.shape[-1])
@@ -196,7 +197,7 @@ def dynamic_logit_difference_kl(
 
 def _masked_cross_entropy(student_logits: Tensor, target: Tensor | None, mask: Tensor | None) -> Tensor:
     if target is None:
-        raise ValueError("target is required when ce_weight != 0 (set ce_weight=0 to train without labels).")
+        raise KDConfigError("target is required when ce_weight != 0 (set ce_weight=0 to train without labels).")
     check_logits(student_logits, None, target)
     flat = upcast(student_logits).reshape(-1, student_logits.shape[-1])
     ce = F.cross_entropy(flat, target.reshape(-1), reduction="none").reshape(target.shape)
@@ -285,16 +286,16 @@ class DBiLDLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 < mass <= 1.0:
-            raise ValueError(f"mass must be in (0, 1], got {mass}.")
+            raise KDConfigError(f"mass must be in (0, 1], got {mass}.")
         _check_k(k_min, "k_min")
         if k_max < k_min:
-            raise ValueError(f"k_max must be >= k_min, got k_max={k_max} and k_min={k_min}.")
+            raise KDConfigError(f"k_max must be >= k_min, got k_max={k_max} and k_min={k_min}.")
         check_temperature(temperature)
         check_temperature(mass_temperature, "mass_temperature")
         if not 0.0 <= reverse_weight <= 1.0:
-            raise ValueError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
+            raise KDConfigError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
         if k_source not in ("leader", "teacher"):
-            raise ValueError(f"k_source must be 'leader' or 'teacher', got {k_source!r}.")
+            raise KDConfigError(f"k_source must be 'leader' or 'teacher', got {k_source!r}.")
         self.mass = mass
         self.k_min = k_min
         self.k_max = k_max

@@ -491,17 +491,17 @@ def chunked_distillation_loss(
     params = spec.bind(objective_kwargs)
     check_temperature(temperature)
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+        raise KDConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        raise KDConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     if ce_weight < 0 or kd_weight < 0:
-        raise ValueError(f"kd_weight and ce_weight must be >= 0, got {kd_weight} and {ce_weight}.")
+        raise KDConfigError(f"kd_weight and ce_weight must be >= 0, got {kd_weight} and {ce_weight}.")
     if ce_weight > 0 and labels is None:
-        raise ValueError("ce_weight > 0 needs labels (the target token ids).")
+        raise KDConfigError("ce_weight > 0 needs labels (the target token ids).")
 
     hidden_size = student_hidden.shape[-1]
     if student_lm_head_weight.dim() != 2 or student_lm_head_weight.shape[1] != hidden_size:
-        raise ValueError(
+        raise KDConfigError(
             f"student_lm_head_weight must be [V, H] with H = {hidden_size} (the hidden size of student_hidden), "
             f"got {tuple(student_lm_head_weight.shape)}."
         )
@@ -512,9 +512,9 @@ def chunked_distillation_loss(
     t_logits = t_hidden = t_w = None
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_lm_head_weight is not None:
-            raise ValueError("give either teacher_logits or teacher_hidden + teacher_lm_head_weight, not both.")
+            raise KDConfigError("give either teacher_logits or teacher_hidden + teacher_lm_head_weight, not both.")
         if teacher_logits.shape[:-1] != lead:
-            raise ValueError(
+            raise KDConfigError(
                 f"teacher_logits {tuple(teacher_logits.shape)} do not match student_hidden "
                 f"{tuple(student_hidden.shape)} in their leading (token) dimensions."
             )
@@ -525,16 +525,16 @@ def chunked_distillation_loss(
                 t_logits = t_logits.view(n, t_logits.shape[-1])
     else:
         if teacher_hidden is None or teacher_lm_head_weight is None:
-            raise ValueError(
+            raise KDConfigError(
                 "the teacher is missing: give teacher_logits, or teacher_hidden and teacher_lm_head_weight."
             )
         if teacher_hidden.shape[:-1] != lead:
-            raise ValueError(
+            raise KDConfigError(
                 f"teacher_hidden {tuple(teacher_hidden.shape)} does not match student_hidden "
                 f"{tuple(student_hidden.shape)} in its leading (token) dimensions."
             )
         if teacher_lm_head_weight.dim() != 2 or teacher_lm_head_weight.shape[1] != teacher_hidden.shape[-1]:
-            raise ValueError(
+            raise KDConfigError(
                 f"teacher_lm_head_weight must be [V, H_t] with H_t = {teacher_hidden.shape[-1]}, "
                 f"got {tuple(teacher_lm_head_weight.shape)}."
             )
@@ -544,15 +544,15 @@ def chunked_distillation_loss(
     flat_labels = None
     if labels is not None:
         if labels.shape != lead:
-            raise ValueError(f"labels must have the token shape {tuple(lead)}, got {tuple(labels.shape)}.")
+            raise KDConfigError(f"labels must have the token shape {tuple(lead)}, got {tuple(labels.shape)}.")
         if labels.dtype.is_floating_point:
-            raise ValueError("labels must hold integer token ids.")
+            raise KDConfigError("labels must hold integer token ids.")
         flat_labels = labels.reshape(n)
         flat_labels = torch.where(flat_labels == ignore_index, torch.full_like(flat_labels, -1), flat_labels)
     flat_mask = None
     if mask is not None:
         if mask.shape != lead:
-            raise ValueError(f"mask must have the token shape {tuple(lead)}, got {tuple(mask.shape)}.")
+            raise KDConfigError(f"mask must have the token shape {tuple(lead)}, got {tuple(mask.shape)}.")
         flat_mask = mask.reshape(n).bool()
     elif flat_labels is not None:
         flat_mask = flat_labels >= 0
@@ -590,7 +590,7 @@ def chunked_distillation_loss(
 
 def _check_vocab(student: int, teacher: int) -> None:
     if student != teacher:
-        raise ValueError(
+        raise KDConfigError(
             f"the student's LM head has {student} rows and the teacher's vocabulary {teacher}: pass the "
             f"common rows of both heads (e.g. weight[:{min(student, teacher)}] for same-family padding rows, "
             "as kd_lightning.losses.lm.align_vocab does for logits); different tokenizers cannot be compared "

@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
+
 __all__ = ["CRDLoss", "ContrastiveMemory", "EmbedHead", "all_gather_cat", "nce_loss"]
 
 Sampling = Literal["exact", "instance", "uniform"]
@@ -62,7 +64,7 @@ def all_gather_cat(*tensors: Tensor) -> tuple[Tensor, ...]:
     the first. The result carries no gradient.
     """
     if len({t.shape[0] for t in tensors}) > 1:
-        raise ValueError(f"all_gather_cat: the tensors must share dim 0, got {[tuple(t.shape) for t in tensors]}.")
+        raise KDConfigError(f"all_gather_cat: the tensors must share dim 0, got {[tuple(t.shape) for t in tensors]}.")
     if not _distributed():
         return tensors
     world = dist.get_world_size()
@@ -95,9 +97,9 @@ def nce_loss(logits: Tensor, log_z: Tensor | float, num_samples: int) -> Tensor:
         ``softplus`` terms in float32 or higher.
     """
     if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be [batch, 1 + K] with K >= 1 negatives, got {tuple(logits.shape)}.")
+        raise KDConfigError(f"logits must be [batch, 1 + K] with K >= 1 negatives, got {tuple(logits.shape)}.")
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        raise KDConfigError(f"num_samples must be >= 1, got {num_samples}.")
     k = logits.shape[1] - 1
     log_noise = math.log(k / num_samples)  # log(K · P_n), P_n = 1/N
     log_h = (logits.double() if logits.dtype == torch.float64 else logits.float()) - log_z
@@ -112,7 +114,7 @@ class EmbedHead(nn.Module):
     def __init__(self, in_features: int, dim: int = 128) -> None:
         super().__init__()
         if in_features < 1 or dim < 1:
-            raise ValueError(f"EmbedHead needs in_features >= 1 and dim >= 1, got {in_features} and {dim}.")
+            raise KDConfigError(f"EmbedHead needs in_features >= 1 and dim >= 1, got {in_features} and {dim}.")
         self.linear = nn.Linear(in_features, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -154,13 +156,13 @@ class ContrastiveMemory(nn.Module):
     def __init__(self, num_samples: int, dim: int, momentum: float = 0.5, labels: Tensor | None = None) -> None:
         super().__init__()
         if num_samples < 2:
-            raise ValueError(
+            raise KDConfigError(
                 f"ContrastiveMemory needs num_samples >= 2 (a positive and a negative), got {num_samples}."
             )
         if dim < 1:
-            raise ValueError(f"ContrastiveMemory needs dim >= 1, got {dim}.")
+            raise KDConfigError(f"ContrastiveMemory needs dim >= 1, got {dim}.")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+            raise KDConfigError(f"momentum must be in [0, 1), got {momentum}.")
         self.momentum = momentum
         bound = 1.0 / math.sqrt(dim / 3.0)
         self.register_buffer("student_bank", torch.rand(num_samples, dim).mul_(2 * bound).sub_(bound))
@@ -168,7 +170,7 @@ class ContrastiveMemory(nn.Module):
         if labels is not None:
             labels = torch.as_tensor(labels).long().flatten()
             if labels.numel() != num_samples:
-                raise ValueError(f"labels must hold one class per sample ({num_samples}), got {labels.numel()}.")
+                raise KDConfigError(f"labels must hold one class per sample ({num_samples}), got {labels.numel()}.")
             self.register_buffer("labels", labels.clone())
         self._synced = False
         self._min_negatives: int | None = None
@@ -216,7 +218,7 @@ class ContrastiveMemory(nn.Module):
         index = index.reshape(-1).long()
         n, k, device = self.num_samples, int(num_negatives), index.device
         if not 1 <= k <= n - 1:
-            raise ValueError(f"num_negatives must be in [1, N - 1 = {n - 1}], got {k}.")
+            raise KDConfigError(f"num_negatives must be in [1, N - 1 = {n - 1}], got {k}.")
         batch = index.numel()
         if mode == "uniform":
             negatives = torch.randint(0, n, (batch, k), device=device, generator=generator)
@@ -225,7 +227,9 @@ class ContrastiveMemory(nn.Module):
             negatives = negatives + (negatives >= index[:, None]).long()  # skip the positive
         elif mode == "exact":
             if not self.has_labels:
-                raise ValueError("sampling='exact' draws negatives from other classes and needs the memory's labels.")
+                raise KDConfigError(
+                    "sampling='exact' draws negatives from other classes and needs the memory's labels."
+                )
             labels = self.labels.to(device)
             same = labels[index][:, None] == labels[None, :]  # [B, N]
             keys = torch.rand(batch, n, device=device, generator=generator).masked_fill_(same, 2.0)
@@ -234,12 +238,12 @@ class ContrastiveMemory(nn.Module):
                 others = (~same).float()
                 available = others.sum(dim=1)
                 if bool((available == 0).any()):
-                    raise ValueError("sampling='exact' needs samples of at least two classes in the memory.")
+                    raise KDConfigError("sampling='exact' needs samples of at least two classes in the memory.")
                 short = available < k
                 if bool(short.any()):
                     negatives[short] = torch.multinomial(others[short], k, replacement=True, generator=generator)
         else:
-            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}.")
+            raise KDConfigError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}.")
         return torch.cat([index[:, None], negatives], dim=1)
 
     # ------------------------------------------------------------------ updates
@@ -267,7 +271,7 @@ class ContrastiveMemory(nn.Module):
         """
         index = index.reshape(-1).long()
         if student_embedding.shape != (index.numel(), self.dim) or teacher_embedding.shape != student_embedding.shape:
-            raise ValueError(
+            raise KDConfigError(
                 f"embeddings must be [B={index.numel()}, dim={self.dim}], got {tuple(student_embedding.shape)} and "
                 f"{tuple(teacher_embedding.shape)}."
             )
@@ -320,13 +324,13 @@ class CRDLoss(nn.Module):
     ) -> None:
         super().__init__()
         if sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}.")
+            raise KDConfigError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}.")
         if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}.")
+            raise KDConfigError(f"num_negatives must be >= 1, got {num_negatives}.")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+            raise KDConfigError(f"temperature must be > 0, got {temperature}.")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+            raise KDConfigError(f"momentum must be in [0, 1), got {momentum}.")
         self.embed_student = EmbedHead(student_dim, embed_dim)
         self.embed_teacher = EmbedHead(teacher_dim, embed_dim)
         self.embed_dim = embed_dim
@@ -346,7 +350,7 @@ class CRDLoss(nn.Module):
     def build_memory(self, num_samples: int, labels: Tensor | None = None) -> ContrastiveMemory:
         """Create the memory for ``num_samples`` rows. ``K`` is clipped to ``N − 1`` with a warning."""
         if self.sampling == "exact" and labels is None:
-            raise ValueError(
+            raise KDConfigError(
                 "sampling='exact' draws negatives from other classes and needs labels (one class per sample); "
                 "pass labels=... or use sampling='instance'."
             )
@@ -416,7 +420,7 @@ class CRDLoss(nn.Module):
         index = index.reshape(-1).long()
         batch = index.numel()
         if student_features.shape[0] != batch or teacher_features.shape[0] != batch:
-            raise ValueError(
+            raise KDConfigError(
                 f"student_features {tuple(student_features.shape)}, teacher_features {tuple(teacher_features.shape)} "
                 f"and index {tuple(index.shape)} must have the same batch size."
             )
@@ -427,7 +431,7 @@ class CRDLoss(nn.Module):
         if contrast_index is None:
             contrast_index = memory.sample(index, self.num_negatives, self.sampling, generator)  # type: ignore[arg-type]
         elif contrast_index.dim() != 2 or contrast_index.shape[0] != batch or contrast_index.shape[1] < 2:
-            raise ValueError(f"contrast_index must be [B={batch}, 1 + K], got {tuple(contrast_index.shape)}.")
+            raise KDConfigError(f"contrast_index must be [B={batch}, 1 + K], got {tuple(contrast_index.shape)}.")
         contrast_index = contrast_index.to(memory.student_bank.device).long()
         s = self.embed_student(student_features)
         t = self.embed_teacher(teacher_features.detach())

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_temperature, upcast
 
 Reduction = Literal["mean", "sum", "none"]
@@ -37,14 +38,14 @@ def reduce_items(values: Tensor, mask: Tensor | None = None, reduction: Reductio
     """
     if mask is not None:
         if mask.shape != values.shape:
-            raise ValueError(f"mask must have the items' shape {tuple(values.shape)}, got {tuple(mask.shape)}.")
+            raise KDConfigError(f"mask must have the items' shape {tuple(values.shape)}, got {tuple(mask.shape)}.")
         values = values * mask.to(values.dtype)
     if reduction == "none":
         return values
     if reduction == "sum":
         return values.sum()
     if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+        raise KDConfigError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
     count = values.numel() if mask is None else mask.sum()
     return values.sum() / torch.as_tensor(count, dtype=values.dtype, device=values.device).clamp_min(1)
 
@@ -103,7 +104,7 @@ def mixed_kl(
     mix (small λ) for long sequences.
     """
     if not 0.0 <= reverse_weight <= 1.0:
-        raise ValueError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
+        raise KDConfigError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
     fkl = forward_kl(student_logits, teacher_logits, temperature, mask, "none")
     rkl = reverse_kl(student_logits, teacher_logits, temperature, mask, "none")
     return reduce_items(reverse_weight * rkl + (1.0 - reverse_weight) * fkl, mask, reduction)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
 
 __all__ = [
@@ -35,7 +36,7 @@ def hint_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         ValueError: the shapes differ (the regressor does not map to the teacher's shape).
     """
     if student_feat.shape != teacher_feat.shape:
-        raise ValueError(
+        raise KDConfigError(
             f"hint_loss: the regressed student feature {tuple(student_feat.shape)} must have the teacher "
             f"feature's shape {tuple(teacher_feat.shape)}."
         )
@@ -54,12 +55,12 @@ def attention_map(feat: Tensor, p: float = 2.0, eps: float = 1e-12) -> Tensor:
         ValueError: ``feat`` has no spatial dimensions, or ``p <= 0``.
     """
     if feat.dim() < 3:
-        raise ValueError(
+        raise KDConfigError(
             f"attention_map needs features [batch, channels, *positions], got shape {tuple(feat.shape)}: "
             "tap a convolutional stage, not a pooled vector."
         )
     if not p > 0:
-        raise ValueError(f"p must be > 0, got {p}.")
+        raise KDConfigError(f"p must be > 0, got {p}.")
     q = upcast(feat).abs().pow(p).mean(dim=1).flatten(1)
     return F.normalize(q, p=2.0, dim=1, eps=eps)
 
@@ -70,7 +71,7 @@ def _match_positions(student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor
     if s_size == t_size:
         return student_feat, teacher_feat
     if student_feat.dim() != 4 or teacher_feat.dim() != 4:
-        raise ValueError(
+        raise KDConfigError(
             f"attention transfer: student positions {s_size} and teacher positions {t_size} differ; only "
             "[B, C, H, W] maps can be pooled to a common size."
         )
@@ -91,7 +92,7 @@ def attention_transfer_term(student_feat: Tensor, teacher_feat: Tensor, p: float
     """
     if student_feat.shape[0] != teacher_feat.shape[0]:
         sizes = f"student {student_feat.shape[0]}, teacher {teacher_feat.shape[0]}"
-        raise ValueError(f"attention transfer: batch sizes differ ({sizes}).")
+        raise KDConfigError(f"attention transfer: batch sizes differ ({sizes}).")
     student_feat, teacher_feat = _match_positions(student_feat, teacher_feat.detach())
     return (attention_map(student_feat, p) - attention_map(teacher_feat, p)).pow(2).mean()
 
@@ -106,7 +107,7 @@ def attention_transfer_loss(student_feats: Sequence[Tensor], teacher_feats: Sequ
         ValueError: the two lists differ in length or are empty.
     """
     if len(student_feats) != len(teacher_feats) or not student_feats:
-        raise ValueError(
+        raise KDConfigError(
             f"attention transfer pairs student and teacher layers one to one: got {len(student_feats)} student and "
             f"{len(teacher_feats)} teacher features."
         )
@@ -131,7 +132,7 @@ class AttentionTransferLoss(nn.Module):
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
         if not p > 0:
-            raise ValueError(f"p must be > 0, got {p}.")
+            raise KDConfigError(f"p must be > 0, got {p}.")
         self.p = p
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:

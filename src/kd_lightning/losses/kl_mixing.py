@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import mixed_kl, reduce_items
 
@@ -44,7 +45,7 @@ class MixedKLLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= reverse_weight <= 1.0:
-            raise ValueError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
+            raise KDConfigError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
         check_temperature(temperature)
         self.reverse_weight = reverse_weight
         self.temperature = temperature
@@ -60,7 +61,7 @@ class MixedKLLoss(nn.Module):
     ) -> dict[str, Tensor]:
         check_logits(student_logits, teacher_logits, target)
         if target is None and self.ce_weight != 0:
-            raise ValueError(f"MixedKLLoss with ce_weight={self.ce_weight} needs a target (or set ce_weight=0).")
+            raise KDConfigError(f"MixedKLLoss with ce_weight={self.ce_weight} needs a target (or set ce_weight=0).")
         tau = self.temperature
         divergence = mixed_kl(student_logits, teacher_logits.detach(), self.reverse_weight, tau, mask)
         kd = self.kd_weight * tau**2 * divergence

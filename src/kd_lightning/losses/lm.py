@@ -88,7 +88,7 @@ def shift_for_next_token(
         ignore_index: label of those positions.
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(
+        raise KDConfigError(
             f"shift_for_next_token needs logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and "
             f"{tuple(labels.shape)}."
         )
@@ -132,12 +132,12 @@ def normalize_token_sum(
     through the count. A group without valid tokens gives ``loss_sum · 0`` (no NaN).
     """
     if accumulate_grad_batches < 1:
-        raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
+        raise KDConfigError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if world_size is None:
         world_size = dist.get_world_size() if distributed else 1
     if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}.")
+        raise KDConfigError(f"world_size must be >= 1, got {world_size}.")
     count = torch.as_tensor(num_items_in_batch, device=loss_sum.device).detach().to(torch.long).reshape(())
     if distributed:
         count = count.clone()
@@ -153,7 +153,7 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
             if student_logits.shape[:-1] == teacher_logits.shape[:-1]
             else "the token shapes differ (shift both logits the same way)"
         )
-        raise ValueError(
+        raise KDConfigError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
             f"do not match: {hint}."
         )
@@ -161,7 +161,7 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+        raise KDConfigError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
 
 
 def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -272,7 +272,7 @@ def generalized_jsd(
     The normalisation multiplies the gradient by ``1/(β(1 − β))`` (4 at β = 0.5): mind the learning rate.
     """
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}.")
+        raise KDConfigError(f"beta must be in [0, 1], got {beta}.")
     if beta == 0.0:
         return forward_kl(student_logits, teacher_logits, temperature=temperature, mask=mask, reduction=reduction)
     if beta == 1.0:
@@ -303,7 +303,7 @@ def skew_kl(
     entropy (same gradient, 0 at a match). α in [0, 1); official default 0.1.
     """
     if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}.")
+        raise KDConfigError(f"alpha must be in [0, 1), got {alpha}.")
     if alpha == 0.0:
         return forward_kl(student_logits, teacher_logits, temperature=temperature, mask=mask, reduction=reduction)
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
@@ -324,7 +324,7 @@ def skew_reverse_kl(
     α = 0 is reverse KL; α in [0, 1); official default 0.1.
     """
     if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}.")
+        raise KDConfigError(f"alpha must be in [0, 1), got {alpha}.")
     if alpha == 0.0:
         return reverse_kl(student_logits, teacher_logits, temperature=temperature, mask=mask, reduction=reduction)
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
@@ -359,7 +359,7 @@ def token_cross_entropy(
     """
     _check_reduction(reduction)
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}.")
+        raise KDConfigError(f"targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}.")
     valid = targets != ignore_index
     if mask is not None:
         valid = valid & mask

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import forward_kl
+from kd_lightning.losses.schedule import ScheduledLoss
+from kd_lightning.losses.terms import check_weights, weighted_terms
 
 __all__ = [
     "DKDLoss",
@@ -120,7 +123,7 @@ def pld_loss(
     elif weighting == "uniform":
         weights = torch.full_like(s_perm, 1.0 / s.shape[-1])
     else:
-        raise ValueError(f"weighting must be 'teacher' or 'uniform', got {weighting!r}.")
+        raise KDConfigError(f"weighting must be 'teacher' or 'uniform', got {weighting!r}.")
     return (weights * per_position).sum(-1).mean()
 
 
@@ -138,24 +141,27 @@ class KDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9) -> None:
         super().__init__()
         check_temperature(temperature)
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         check_logits(student_logits, teacher_logits, target)
-        ce = self.ce_weight * _cross_entropy(student_logits, target)
-        kd = self.kd_weight * kd_kl_div(student_logits, teacher_logits, self.temperature)
-        return {"loss": ce + kd, "ce": ce, "kd": kd}
+        terms = {
+            "ce": _cross_entropy(student_logits, target),
+            "kd": kd_kl_div(student_logits, teacher_logits, self.temperature),
+        }
+        return weighted_terms(terms, {"ce": self.ce_weight, "kd": self.kd_weight})
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(nn.Module, ScheduledLoss):
     """Decoupled KD (Zhao et al., CVPR 2022): ``w_CE·CE + s·(α·TCKD + β·NCKD)``.
 
-    ``s`` is a warm-up factor passed by the caller (``kd_scale``; DKD ramps it as
-    ``min(epoch/warmup, 1)``). ``standardize=True`` applies logit standardisation to both logits
-    first (DKD+LS, Sun et al. 2024; then use the LS weights, e.g. α, β multiplied by 9 and τ = 2).
-    Returns ``{"loss", "ce", "tckd", "nckd"}``.
+    ``s`` is the warm-up factor ``min((epoch + 1)/warmup_epochs, 1)`` (epochs counted from 1, as mdistiller
+    does; 1 without warm-up or when no training progress was set), or ``kd_scale`` when given to a call.
+    ``standardize=True`` applies logit standardisation to both logits first (DKD+LS, Sun et al. 2024; then use
+    the LS weights, e.g. α, β multiplied by 9 and τ = 2). Returns ``{"loss", "ce", "tckd", "nckd"}``.
     """
 
     def __init__(
@@ -165,26 +171,37 @@ class DKDLoss(nn.Module):
         temperature: float = 4.0,
         ce_weight: float = 1.0,
         standardize: bool = False,
+        warmup_epochs: int = 0,
     ) -> None:
         super().__init__()
         check_temperature(temperature)
+        check_weights(alpha=alpha, beta=beta, ce_weight=ce_weight)
+        if warmup_epochs < 0:
+            raise KDConfigError("warmup_epochs", f"must be >= 0, got {warmup_epochs}")
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.standardize = standardize
+        self.warmup_epochs = warmup_epochs
+
+    def warmup_factor(self) -> float:
+        """``min((epoch + 1) / warmup_epochs, 1)`` at the current progress; 1 without warm-up."""
+        if self.warmup_epochs == 0 or self.progress is None:
+            return 1.0
+        return min((self.progress.epoch + 1) / self.warmup_epochs, 1.0)
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, kd_scale: float = 1.0
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, kd_scale: float | None = None
     ) -> dict[str, Tensor]:
-        ce = self.ce_weight * _cross_entropy(student_logits, target)
+        scale = self.warmup_factor() if kd_scale is None else kd_scale
+        ce = _cross_entropy(student_logits, target)
         s, t = student_logits, teacher_logits
         if self.standardize:
             s, t = standardize_logits(s), standardize_logits(t.detach())
         tckd, nckd = dkd_terms(s, t, target, self.temperature)
-        tckd = kd_scale * self.alpha * tckd
-        nckd = kd_scale * self.beta * nckd
-        return {"loss": ce + tckd + nckd, "ce": ce, "tckd": tckd, "nckd": nckd}
+        weights = {"ce": self.ce_weight, "tckd": scale * self.alpha, "nckd": scale * self.beta}
+        return weighted_terms({"ce": ce, "tckd": tckd, "nckd": nckd}, weights)
 
 
 class LogitStandardKDLoss(nn.Module):
@@ -198,6 +215,7 @@ class LogitStandardKDLoss(nn.Module):
     def __init__(self, temperature: float = 2.0, ce_weight: float = 0.1, kd_weight: float = 9.0) -> None:
         super().__init__()
         check_temperature(temperature)
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
@@ -222,7 +240,7 @@ class PLDLoss(nn.Module):
         super().__init__()
         check_temperature(temperature)
         if weighting not in ("teacher", "uniform"):
-            raise ValueError(f"weighting must be 'teacher' or 'uniform', got {weighting!r}.")
+            raise KDConfigError(f"weighting must be 'teacher' or 'uniform', got {weighting!r}.")
         self.temperature = temperature
         self.weighting = weighting
 

@@ -7,7 +7,6 @@
 - :func:`patchify` / :func:`unpatchify`: images to flattened patches in MAE's ``(ph, pw, C)`` order and back.
 - :func:`masked_reconstruction_loss`: per-patch mean squared error averaged over the masked patches only.
 - :func:`normalized_l1_loss`: ``mean |normalize(F_T) - normalize(F_S)|`` (DMAE's feature distillation).
-- :func:`sincos_pos_embed_2d`: MAE's fixed 2-D sin-cos position embedding.
 - :class:`DMAELoss`: ``L = L_rec + w · Σ_pairs L_distill``.
 """
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "normalized_l1_loss",
     "patchify",
     "random_masking",
-    "sincos_pos_embed_2d",
     "unpatchify",
 ]
 
@@ -37,7 +36,7 @@ __all__ = [
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (int(value), int(value)) if isinstance(value, int) else tuple(int(v) for v in value)
     if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}.")
+        raise KDConfigError(f"{name} must be a positive int or a pair of positive ints, got {value!r}.")
     return pair  # type: ignore[return-value]
 
 
@@ -78,10 +77,10 @@ def random_masking(
         ValueError: ``mask_ratio`` outside ``[0, 1)`` or leaving no visible patch.
     """
     if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+        raise KDConfigError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
     len_keep = int(num_patches * (1 - mask_ratio))
     if len_keep < 1:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}: lower it.")
+        raise KDConfigError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}: lower it.")
     if generator is not None:
         noise = torch.rand(batch_size, num_patches, generator=generator, device=generator.device).to(device)
     else:
@@ -103,10 +102,10 @@ def patchify(images: Tensor, patch_size: int | Sequence[int]) -> Tensor:
     """
     ph, pw = _pair(patch_size, "patch_size")
     if images.dim() != 4:
-        raise ValueError(f"patchify needs images [B, C, H, W], got {tuple(images.shape)}.")
+        raise KDConfigError(f"patchify needs images [B, C, H, W], got {tuple(images.shape)}.")
     b, c, h, w = images.shape
     if h % ph or w % pw:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}.")
+        raise KDConfigError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}.")
     gh, gw = h // ph, w // pw
     x = images.reshape(b, c, gh, ph, gw, pw)
     x = torch.einsum("nchpwq->nhwpqc", x)
@@ -123,7 +122,7 @@ def unpatchify(patches: Tensor, patch_size: int | Sequence[int], grid_size: int 
     gh, gw = _pair(grid_size, "grid_size")
     b, length, dim = patches.shape
     if length != gh * gw or dim % (ph * pw):
-        raise ValueError(f"unpatchify: {tuple(patches.shape)} does not fit a {gh}x{gw} grid of {ph}x{pw} patches.")
+        raise KDConfigError(f"unpatchify: {tuple(patches.shape)} does not fit a {gh}x{gw} grid of {ph}x{pw} patches.")
     c = dim // (ph * pw)
     x = patches.reshape(b, gh, gw, ph, pw, c)
     x = torch.einsum("nhwpqc->nchpwq", x)
@@ -147,9 +146,9 @@ def masked_reconstruction_loss(
         ValueError: shapes differ, or the mask removes nothing.
     """
     if pred.shape != target.shape or pred.dim() != 3:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, L, P].")
+        raise KDConfigError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, L, P].")
     if mask.shape != pred.shape[:2]:
-        raise ValueError(f"mask must have shape {tuple(pred.shape[:2])} ([B, L]), got {tuple(mask.shape)}.")
+        raise KDConfigError(f"mask must have shape {tuple(pred.shape[:2])} ([B, L]), got {tuple(mask.shape)}.")
     pred, target, mask = upcast(pred), upcast(target), upcast(mask)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
@@ -158,7 +157,7 @@ def masked_reconstruction_loss(
     per_patch = (pred - target).pow(2).mean(dim=-1)
     removed = mask.sum()
     if removed <= 0:
-        raise ValueError("masked_reconstruction_loss: the mask removes no patch (mask is all zeros).")
+        raise KDConfigError("masked_reconstruction_loss: the mask removes no patch (mask is all zeros).")
     return (per_patch * mask).sum() / removed
 
 
@@ -172,39 +171,13 @@ def normalized_l1_loss(student: Tensor, teacher: Tensor) -> Tensor:
         ValueError: the shapes differ.
     """
     if student.shape != teacher.shape:
-        raise ValueError(
+        raise KDConfigError(
             f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} must match: "
             "project the student's to the teacher's width and feed both the same tokens."
         )
     s = F.normalize(upcast(student), dim=-1)
     t = F.normalize(upcast(teacher.detach()), dim=-1)
     return (t - s).abs().mean()
-
-
-def _sincos_1d(dim: int, positions: Tensor) -> Tensor:
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = positions.reshape(-1, 1).double() * omega.reshape(1, -1)
-    return torch.cat([out.sin(), out.cos()], dim=1)
-
-
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int | Sequence[int], num_prefix_tokens: int = 0) -> Tensor:
-    """MAE's fixed 2-D sin-cos position embedding, ``float32 [num_prefix_tokens + gh·gw, embed_dim]``.
-
-    The first half of the channels encodes the column of a patch and the second half its row, each as
-    ``[sin(pos·ω_k), cos(pos·ω_k)]`` with ``ω_k = 10000^(-k/(D/4))``, ``k = 0..D/4-1`` (MAE's
-    ``get_2d_sincos_pos_embed``); prefix tokens (CLS, registers) get zeros. Patches are row-major.
-
-    Raises:
-        ValueError: ``embed_dim`` is not a multiple of 4.
-    """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos embedding, got {embed_dim}.")
-    gh, gw = _pair(grid_size, "grid_size")
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    emb = torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
-    prefix = torch.zeros(num_prefix_tokens, embed_dim, dtype=emb.dtype)
-    return torch.cat([prefix, emb]).float()
 
 
 class DMAELoss(nn.Module):
@@ -223,7 +196,7 @@ class DMAELoss(nn.Module):
     def __init__(self, distill_weight: float = 1.0, norm_pix_loss: bool = False) -> None:
         super().__init__()
         if distill_weight < 0:
-            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}.")
+            raise KDConfigError(f"distill_weight must be >= 0, got {distill_weight}.")
         self.distill_weight = distill_weight
         self.norm_pix_loss = norm_pix_loss
 
@@ -236,7 +209,7 @@ class DMAELoss(nn.Module):
         teacher_feats: Sequence[Tensor],
     ) -> dict[str, Tensor]:
         if len(student_feats) != len(teacher_feats):
-            raise ValueError(f"{len(student_feats)} student features but {len(teacher_feats)} teacher features.")
+            raise KDConfigError(f"{len(student_feats)} student features but {len(teacher_feats)} teacher features.")
         rec = masked_reconstruction_loss(pred, target, mask, norm_pix=self.norm_pix_loss)
         pairs = [normalized_l1_loss(s, t) for s, t in zip(student_feats, teacher_feats, strict=True)]
         distill = self.distill_weight * torch.stack(pairs).sum() if pairs else rec.new_zeros(())

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import forward_kl
 
@@ -68,11 +69,11 @@ def sample_mixup(
     the unmixed indices. The official code samples λ with numpy; this uses torch only.
     """
     if not 0.0 <= unmixed_fraction <= 1.0:
-        raise ValueError(f"unmixed_fraction must be in [0, 1], got {unmixed_fraction}.")
+        raise KDConfigError(f"unmixed_fraction must be in [0, 1], got {unmixed_fraction}.")
     if not beta_a > 0:
-        raise ValueError(f"beta_a must be > 0, got {beta_a}.")
+        raise KDConfigError(f"beta_a must be > 0, got {beta_a}.")
     if sampling not in ("replacement", "exact"):
-        raise ValueError(f"sampling must be 'replacement' or 'exact', got {sampling!r}.")
+        raise KDConfigError(f"sampling must be 'replacement' or 'exact', got {sampling!r}.")
     index_a = torch.randperm(batch_size, device=device)
     index_b = torch.randperm(batch_size, device=device)
     concentration = torch.tensor(float(beta_a), device=device)
@@ -96,7 +97,9 @@ def apply_mixup(inputs: Tensor, plan: MixupPlan) -> Tensor:
 def mix_targets(target: Tensor, num_classes: int, plan: MixupPlan) -> Tensor:
     """``λ_i·onehot(y[π₁(i)]) + (1−λ_i)·onehot(y[π₂(i)])``: ``[B, C]`` float32 rows that sum to 1."""
     if target.dim() != 1 or target.is_floating_point():
-        raise ValueError(f"target must be a [batch] tensor of class indices, got {tuple(target.shape)} {target.dtype}.")
+        raise KDConfigError(
+            f"target must be a [batch] tensor of class indices, got {tuple(target.shape)} {target.dtype}."
+        )
     lam = plan.lam.float().unsqueeze(-1)
     one_a = F.one_hot(target[plan.index_a], num_classes).float()
     one_b = F.one_hot(target[plan.index_b], num_classes).float()
@@ -128,7 +131,7 @@ def std_scale(logits: Tensor, eps: float = 1e-7) -> Tensor:
 def soft_cross_entropy(logits: Tensor, soft_target: Tensor) -> Tensor:
     """``−(1/N) Σ_i Σ_c ỹ_ic·log softmax(z_i)_c`` over the ``N`` items of ``[..., C]`` logits."""
     if soft_target.shape != logits.shape:
-        raise ValueError(
+        raise KDConfigError(
             f"soft_target must have the logits' shape {tuple(logits.shape)} (mixed one-hot targets), "
             f"got {tuple(soft_target.shape)}."
         )
@@ -190,10 +193,10 @@ class MixKDLoss(nn.Module):
     ) -> None:
         super().__init__()
         if distill not in ("mixstd", "kd"):
-            raise ValueError(f"distill must be 'mixstd' or 'kd', got {distill!r}.")
+            raise KDConfigError(f"distill must be 'mixstd' or 'kd', got {distill!r}.")
         check_temperature(temperature)
         if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}.")
+            raise KDConfigError(f"eps must be >= 0, got {eps}.")
         self.distill = distill
         self.gamma = gamma
         self.alpha = alpha

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
 
 def _embeddings(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     if student.dim() < 2 or teacher.dim() < 2 or student.shape[0] != teacher.shape[0]:
-        raise ValueError(
+        raise KDConfigError(
             "RKD needs embeddings [batch, ...] with the same batch size, got student "
             f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}."
         )
@@ -39,7 +40,7 @@ def pairwise_distances(embeddings: Tensor, squared: bool = False, eps: float = 1
     gradient stays finite for coincident points; ``squared=True`` returns the clamped squares.
     """
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}.")
+        raise KDConfigError(f"eps must be >= 0, got {eps}.")
     diff = embeddings.unsqueeze(1) - embeddings.unsqueeze(0)
     dist = diff.pow(2).sum(dim=-1).clamp_min(eps)
     if not squared:
@@ -108,9 +109,9 @@ class RKDLoss(nn.Module):
     ) -> None:
         super().__init__()
         if distance_weight < 0 or angle_weight < 0:
-            raise ValueError(f"RKD weights must be >= 0, got distance {distance_weight} and angle {angle_weight}.")
+            raise KDConfigError(f"RKD weights must be >= 0, got distance {distance_weight} and angle {angle_weight}.")
         if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}.")
+            raise KDConfigError(f"eps must be >= 0, got {eps}.")
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
         self.squared = squared

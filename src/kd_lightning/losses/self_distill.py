@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.logit import kd_kl_div
 
@@ -55,7 +56,7 @@ def parameter_norm_penalty(parameters: Iterable[Tensor]) -> Tensor:
     """``Σ_θ ‖θ‖₂`` over parameter tensors: the *non-squared* L2 norm of each, summed (official code)."""
     norms = [p.float().norm() for p in parameters]
     if not norms:
-        raise ValueError("parameter_norm_penalty got no parameters.")
+        raise KDConfigError("parameter_norm_penalty got no parameters.")
     return torch.stack(norms).sum()
 
 
@@ -76,9 +77,9 @@ class GTSelfDistillLoss(nn.Module):
     def __init__(self, alpha: float = 0.6, loss: SelfDistillLossKind = "mse", temperature: float = 1.0) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha (the ground-truth weight) must be in [0, 1], got {alpha}.")
+            raise KDConfigError(f"alpha (the ground-truth weight) must be in [0, 1], got {alpha}.")
         if loss not in ("mse", "ce_kl"):
-            raise ValueError(f"loss must be 'mse' or 'ce_kl', got {loss!r}.")
+            raise KDConfigError(f"loss must be 'mse' or 'ce_kl', got {loss!r}.")
         check_temperature(temperature)
         self.alpha = alpha
         self.loss = loss
@@ -99,7 +100,7 @@ class GTSelfDistillLoss(nn.Module):
             gt = F.cross_entropy(flat, y)
         if self.uses_teacher:
             if teacher_logits is None:
-                raise ValueError(f"teacher_logits are needed when alpha < 1 (alpha={self.alpha}).")
+                raise KDConfigError(f"teacher_logits are needed when alpha < 1 (alpha={self.alpha}).")
             t = teacher_logits.detach()
             if self.loss == "mse":
                 distill = softmax_mse(flat, F.softmax(upcast(t.reshape(flat.shape)), dim=-1))
@@ -131,17 +132,17 @@ def optimal_alpha(pred_at_0: Tensor, pred_at_1: Tensor, targets: Tensor, clip: b
     """
     p0, p1 = pred_at_0.double(), pred_at_1.double()
     if p0.shape != p1.shape:
-        raise ValueError(f"pred_at_0 {tuple(p0.shape)} and pred_at_1 {tuple(p1.shape)} must have the same shape.")
+        raise KDConfigError(f"pred_at_0 {tuple(p0.shape)} and pred_at_1 {tuple(p1.shape)} must have the same shape.")
     if not targets.is_floating_point():
         if p0.dim() < 2 or targets.shape != p0.shape[:-1]:
-            raise ValueError(
+            raise KDConfigError(
                 f"integer targets must have shape {tuple(p0.shape[:-1])} (class indices), got {tuple(targets.shape)}."
             )
         z = F.one_hot(targets.long(), p0.shape[-1]).double()
     else:
         z = targets.double()
     if z.shape != p0.shape:
-        raise ValueError(f"targets {tuple(z.shape)} must match the predictions {tuple(p0.shape)}.")
+        raise KDConfigError(f"targets {tuple(z.shape)} must match the predictions {tuple(p0.shape)}.")
     d = p1 - p0
     denom = float((d * d).sum())
     if denom == 0.0:
@@ -158,13 +159,13 @@ def rbf_kernel(a: Tensor, b: Tensor, gamma: float) -> Tensor:
 
 def _check_kernel(gram: Tensor, y: Tensor, ridge: float, alpha: float) -> None:
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"gram must be a square [N, N] kernel matrix, got {tuple(gram.shape)}.")
+        raise KDConfigError(f"gram must be a square [N, N] kernel matrix, got {tuple(gram.shape)}.")
     if y.shape[0] != gram.shape[0]:
-        raise ValueError(f"y must have {gram.shape[0]} rows (one per training point), got {tuple(y.shape)}.")
+        raise KDConfigError(f"y must have {gram.shape[0]} rows (one per training point), got {tuple(y.shape)}.")
     if not ridge > 0:
-        raise ValueError(f"ridge (λ) must be > 0, got {ridge}.")
+        raise KDConfigError(f"ridge (λ) must be > 0, got {ridge}.")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        raise KDConfigError(f"alpha must be in [0, 1], got {alpha}.")
 
 
 def kernel_ridge_self_distillation(

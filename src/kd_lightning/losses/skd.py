@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.logit import kd_kl_div
 
@@ -32,7 +33,7 @@ class SKDLoss(nn.Module):
         super().__init__()
         check_temperature(temperature)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+            raise KDConfigError(f"alpha must be in [0, 1], got {alpha}.")
         self.temperature = temperature
         self.alpha = alpha
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import reduce_items
 
@@ -60,10 +61,10 @@ def swing_temperatures(privacy: Tensor, t_min: float, t_max: float) -> Tensor:
     """
     check_temperature(t_min, "t_min")
     if t_max < t_min:
-        raise ValueError(f"t_max must be >= t_min, got t_max={t_max} and t_min={t_min}.")
+        raise KDConfigError(f"t_max must be >= t_min, got t_max={t_max} and t_min={t_min}.")
     privacy = upcast(privacy.float() if not privacy.is_floating_point() else privacy)
     if privacy.numel() and (privacy.min() < 0 or privacy.max() > 1 or torch.isnan(privacy).any()):
-        raise ValueError(
+        raise KDConfigError(
             f"privacy scores must lie in [0, 1], got values in [{privacy.min().item()}, {privacy.max().item()}]."
         )
     return t_min + (t_max - t_min) * privacy
@@ -81,17 +82,17 @@ def noise_scale(noise: NoiseKind, sensitivity: float, epsilon: float, delta: flo
     √2, so those are the worst-case sensitivities of a soft-target vector.
     """
     if noise not in ("laplace", "gaussian", "none"):
-        raise ValueError(f"noise must be 'laplace', 'gaussian' or 'none', got {noise!r}.")
+        raise KDConfigError(f"noise must be 'laplace', 'gaussian' or 'none', got {noise!r}.")
     if not epsilon > 0:
-        raise ValueError(f"epsilon (the privacy budget ε) must be > 0, got {epsilon}.")
+        raise KDConfigError(f"epsilon (the privacy budget ε) must be > 0, got {epsilon}.")
     if not sensitivity >= 0:
-        raise ValueError(f"sensitivity (Δ) must be >= 0, got {sensitivity}.")
+        raise KDConfigError(f"sensitivity (Δ) must be >= 0, got {sensitivity}.")
     if noise == "none" or math.isinf(epsilon):
         return 0.0
     if noise == "laplace":
         return sensitivity / epsilon
     if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta (δ of the Gaussian mechanism) must be in (0, 1), got {delta}.")
+        raise KDConfigError(f"delta (δ of the Gaussian mechanism) must be in (0, 1), got {delta}.")
     return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
 
@@ -112,7 +113,7 @@ def sample_noise(
         return scale * (e1 - e2)
     if noise == "gaussian":
         return scale * torch.randn(shape, device=device, dtype=dtype, generator=generator)
-    raise ValueError(f"noise must be 'laplace', 'gaussian' or 'none', got {noise!r}.")
+    raise KDConfigError(f"noise must be 'laplace', 'gaussian' or 'none', got {noise!r}.")
 
 
 def noisy_soft_targets(
@@ -145,7 +146,7 @@ def noisy_soft_targets(
             uniform = torch.full_like(clipped, 1.0 / clipped.shape[-1])
             targets = torch.where(total > 0, clipped / total.clamp_min(torch.finfo(t.dtype).tiny), uniform)
     else:
-        raise ValueError(f"noise_on must be 'probs' or 'logits', got {noise_on!r}.")
+        raise KDConfigError(f"noise_on must be 'probs' or 'logits', got {noise_on!r}.")
     return (targets, xi) if return_noise else targets
 
 
@@ -199,7 +200,7 @@ class PrivacyScores(nn.Module):
         elif isinstance(source, Mapping):
             classes = [int(k) for k in source]
             if any(c < 0 for c in classes):
-                raise ValueError(f"{name}: class indices must be >= 0, got {sorted(classes)}.")
+                raise KDConfigError(f"{name}: class indices must be >= 0, got {sorted(classes)}.")
             size = max(num_classes or 0, max(classes, default=-1) + 1)
             table = torch.zeros(size)
             for cls, score in source.items():
@@ -215,9 +216,9 @@ class PrivacyScores(nn.Module):
         if table is not None:
             table = table.float()
             if table.numel() == 0:
-                raise ValueError(f"{name}: the table of privacy scores is empty.")
+                raise KDConfigError(f"{name}: the table of privacy scores is empty.")
             if table.min() < 0 or table.max() > 1 or torch.isnan(table).any():
-                raise ValueError(f"{name}: scores must lie in [0, 1], got values in [{table.min()}, {table.max()}].")
+                raise KDConfigError(f"{name}: scores must lie in [0, 1], got values in [{table.min()}, {table.max()}].")
         # Inputs of the run, not learnt state: not saved in checkpoints (the config holds them).
         self.register_buffer("table", table if table is not None else torch.zeros(0), persistent=False)
         if num_classes is not None:
@@ -243,7 +244,7 @@ class PrivacyScores(nn.Module):
         if self.partial and len(self.table) < num_classes:
             self.table = torch.cat([self.table, self.table.new_zeros(num_classes - len(self.table))])
             return
-        raise ValueError(
+        raise KDConfigError(
             f"{self.name}: a per-class table needs {num_classes} scores (one per class), got {len(self.table)}."
         )
 
@@ -267,31 +268,31 @@ class PrivacyScores(nn.Module):
             if scores.shape != targets.shape:
                 scores = scores.reshape(targets.shape) if scores.numel() == targets.numel() else scores
             if scores.shape != targets.shape:
-                raise ValueError(
+                raise KDConfigError(
                     f"{self.name}: the callable returned scores of shape {tuple(scores.shape)}, "
                     f"expected {tuple(targets.shape)} (one per item)."
                 )
             if scores.numel() and (scores.min() < 0 or scores.max() > 1 or torch.isnan(scores).any()):
-                raise ValueError(f"{self.name}: the callable returned scores outside [0, 1].")
+                raise KDConfigError(f"{self.name}: the callable returned scores outside [0, 1].")
             return scores
         if self.kind == "class":
             if self.partial and targets.numel() and int(targets.max()) >= len(self.table):
                 self.fit_classes(int(targets.max()) + 1)  # classes a dict does not list score 0
             if targets.numel() and int(targets.max()) >= len(self.table):
-                raise ValueError(
+                raise KDConfigError(
                     f"{self.name}: label {int(targets.max())} has no entry in the per-class table of "
                     f"{len(self.table)} scores."
                 )
             return self.table[targets]
         if indices is None:
-            raise ValueError(
+            raise KDConfigError(
                 f"{self.name} is a per-sample table, looked up by each sample's dataset index, but the "
                 "batch carries no indices: build the data module with return_index=True "
                 "(--data.init_args.return_index=true) so that batches are (inputs, targets, index)."
             )
         indices = torch.as_tensor(indices, device=self.table.device).long()
         if indices.numel() and (int(indices.max()) >= len(self.table) or int(indices.min()) < 0):
-            raise ValueError(
+            raise KDConfigError(
                 f"{self.name}: dataset index {int(indices.max())} is beyond the per-sample table of "
                 f"{len(self.table)} scores: the table must have one score per training sample."
             )
@@ -345,11 +346,11 @@ class SwingLoss(nn.Module):
         super().__init__()
         check_temperature(t_min, "t_min")
         if t_max < t_min:
-            raise ValueError(f"t_max must be >= t_min, got t_max={t_max} and t_min={t_min}.")
+            raise KDConfigError(f"t_max must be >= t_min, got t_max={t_max} and t_min={t_min}.")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+            raise KDConfigError(f"alpha must be in [0, 1], got {alpha}.")
         if noise_on not in ("probs", "logits"):
-            raise ValueError(f"noise_on must be 'probs' or 'logits', got {noise_on!r}.")
+            raise KDConfigError(f"noise_on must be 'probs' or 'logits', got {noise_on!r}.")
         self.t_min = t_min
         self.t_max = t_max
         self.alpha = alpha
@@ -381,7 +382,7 @@ class SwingLoss(nn.Module):
         if privacy is None:
             privacy = torch.zeros(student_logits.shape[:-1], device=student_logits.device)
         if privacy.shape != student_logits.shape[:-1]:
-            raise ValueError(
+            raise KDConfigError(
                 f"privacy scores must have the items' shape {tuple(student_logits.shape[:-1])}, "
                 f"got {tuple(privacy.shape)}."
             )

@@ -22,8 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, upcast
 from kd_lightning.losses.divergences import forward_kl, reduce_items
+from kd_lightning.losses.schedule import Progress, ScheduledLoss
 
 __all__ = ["TAIDLoss", "pending_over_ranks", "taid_interpolated_logits", "taid_loss"]
 
@@ -72,7 +74,7 @@ def taid_loss(
     if objective == "forward_kl":
         return forward_kl(student_logits, target, mask=mask, reduction=reduction)
     if objective != "cross_entropy":
-        raise ValueError(f"objective must be 'cross_entropy' or 'forward_kl', got {objective!r}.")
+        raise KDConfigError(f"objective must be 'cross_entropy' or 'forward_kl', got {objective!r}.")
     s = upcast(student_logits)
     log_q = F.log_softmax(s, dim=-1)
     p_t = F.softmax(target, dim=-1)
@@ -80,7 +82,7 @@ def taid_loss(
     return reduce_items(-terms.sum(-1), mask, reduction)
 
 
-class TAIDLoss(nn.Module):
+class TAIDLoss(nn.Module, ScheduledLoss):
     """TAID loss with its adaptive interpolation schedule as checkpointed state.
 
     ``total = distil_ratio·J_TAID(t) + (1 − distil_ratio)·CE(z_S, y)``; returns
@@ -112,6 +114,8 @@ class TAIDLoss(nn.Module):
         ignore_index: label of items left out of the cross-entropy (padding tokens).
     """
 
+    needs_run_length = True
+
     t: Tensor
     prev_loss: Tensor
     momentum: Tensor
@@ -131,17 +135,19 @@ class TAIDLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= t_start <= t_end <= 1.0:
-            raise ValueError(f"t_start and t_end must satisfy 0 <= t_start <= t_end <= 1, got {t_start} and {t_end}.")
+            raise KDConfigError(
+                f"t_start and t_end must satisfy 0 <= t_start <= t_end <= 1, got {t_start} and {t_end}."
+            )
         if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}.")
+            raise KDConfigError(f"alpha must be >= 0, got {alpha}.")
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}.")
+            raise KDConfigError(f"beta must be in [0, 1), got {beta}.")
         if not 0.0 <= distil_ratio <= 1.0:
-            raise ValueError(f"distil_ratio must be in [0, 1], got {distil_ratio}.")
+            raise KDConfigError(f"distil_ratio must be in [0, 1], got {distil_ratio}.")
         if objective not in ("cross_entropy", "forward_kl"):
-            raise ValueError(f"objective must be 'cross_entropy' or 'forward_kl', got {objective!r}.")
+            raise KDConfigError(f"objective must be 'cross_entropy' or 'forward_kl', got {objective!r}.")
         if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}.")
+            raise KDConfigError(f"eps must be >= 0, got {eps}.")
         self.t_start, self.t_end, self.alpha, self.beta = t_start, t_end, alpha, beta
         self.disable_adaptive = disable_adaptive
         self.distil_ratio = distil_ratio
@@ -168,7 +174,7 @@ class TAIDLoss(nn.Module):
         parts = {"taid": self.distil_ratio * distil}
         if self.distil_ratio < 1.0:
             if target is None:
-                raise ValueError(f"distil_ratio={self.distil_ratio} < 1 mixes in a cross-entropy: pass target.")
+                raise KDConfigError(f"distil_ratio={self.distil_ratio} < 1 mixes in a cross-entropy: pass target.")
             flat = upcast(student_logits).reshape(-1, student_logits.shape[-1])
             per_item = F.cross_entropy(flat, target.reshape(-1), ignore_index=self.ignore_index, reduction="none")
             valid = target != self.ignore_index
@@ -217,3 +223,10 @@ class TAIDLoss(nn.Module):
             return False
         self.update_t(total / count, progress)
         return True
+
+    def step_schedule(self, progress: Progress) -> None:
+        """Scheduled-loss protocol: once per optimizer step, move ``t`` (:meth:`update_schedule`)."""
+        self.update_schedule(progress.fraction if progress.fraction is not None else 0.0)
+
+    def schedule_stats(self) -> dict[str, float | Tensor]:
+        return {"taid_t": self.t.clone()}

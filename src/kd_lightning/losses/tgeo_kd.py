@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import forward_kl
 
@@ -46,7 +47,7 @@ def fusion_feature_dim(variant: str, num_classes: int) -> int:
         return 9 * num_classes
     if variant == "distances":
         return 8
-    raise ValueError(f"feature variant must be one of {FEATURE_VARIANTS}, got {variant!r}.")
+    raise KDConfigError(f"feature variant must be one of {FEATURE_VARIANTS}, got {variant!r}.")
 
 
 @torch.no_grad()
@@ -79,7 +80,9 @@ def geometry_features(
     check_logits(student_logits, teacher_logits, target)
     num_classes = student_logits.shape[-1]
     if class_means.shape != (num_classes, num_classes):
-        raise ValueError(f"class_means must have shape {(num_classes, num_classes)}, got {tuple(class_means.shape)}.")
+        raise KDConfigError(
+            f"class_means must have shape {(num_classes, num_classes)}, got {tuple(class_means.shape)}."
+        )
     fusion_feature_dim(variant, num_classes)  # validates the name
     s = F.softmax(upcast(student_logits.detach()).reshape(-1, num_classes), dim=-1)
     t = F.softmax(upcast(teacher_logits.detach()).reshape(-1, num_classes), dim=-1)
@@ -117,11 +120,11 @@ class FusionRatioNet(nn.Module):
     ) -> None:
         super().__init__()
         if in_features < 1:
-            raise ValueError(f"in_features must be >= 1, got {in_features}.")
+            raise KDConfigError(f"in_features must be >= 1, got {in_features}.")
         if activation not in ("relu", "leaky_relu"):
-            raise ValueError(f"activation must be 'relu' or 'leaky_relu', got {activation!r}.")
+            raise KDConfigError(f"activation must be 'relu' or 'leaky_relu', got {activation!r}.")
         if any(int(h) < 1 for h in hidden):
-            raise ValueError(f"hidden widths must be >= 1, got {list(hidden)}.")
+            raise KDConfigError(f"hidden widths must be >= 1, got {list(hidden)}.")
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
@@ -133,7 +136,9 @@ class FusionRatioNet(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         if features.dim() != 2 or features.shape[1] != self.in_features:
-            raise ValueError(f"FusionRatioNet expects [N, {self.in_features}] features, got {tuple(features.shape)}.")
+            raise KDConfigError(
+                f"FusionRatioNet expects [N, {self.in_features}] features, got {tuple(features.shape)}."
+            )
         weight = self.mlp[0].weight
         return torch.sigmoid(self.mlp(features.to(weight.dtype))).squeeze(-1)
 
@@ -174,7 +179,7 @@ class TGeoKDLoss(nn.Module):
         kd, ce = tgeo_kd_terms(student_logits, teacher_logits, target, self.temperature)
         alpha = alpha.reshape(-1)
         if alpha.shape != kd.shape:
-            raise ValueError(f"alpha must hold one ratio per sample ({kd.shape[0]}), got {alpha.shape[0]}.")
+            raise KDConfigError(f"alpha must hold one ratio per sample ({kd.shape[0]}), got {alpha.shape[0]}.")
         alpha = alpha.to(kd.dtype)
         kd = (alpha * kd).mean()
         ce = ((1 - alpha) * ce).mean()
@@ -203,7 +208,7 @@ class ClassMeanAccumulator(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+            raise KDConfigError(f"num_classes must be >= 1, got {num_classes}.")
         self.num_classes = num_classes
         self.register_buffer("sums", torch.zeros(num_classes, num_classes, dtype=torch.float64))
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
@@ -216,10 +221,10 @@ class ClassMeanAccumulator(nn.Module):
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add ``probs`` (``[N, C]``, rows are distributions) of samples with labels ``target`` (``[N]``)."""
         if probs.dim() != 2 or probs.shape[1] != self.num_classes:
-            raise ValueError(f"probs must have shape [N, {self.num_classes}], got {tuple(probs.shape)}.")
+            raise KDConfigError(f"probs must have shape [N, {self.num_classes}], got {tuple(probs.shape)}.")
         target = target.reshape(-1).to(self.sums.device)
         if target.shape[0] != probs.shape[0]:
-            raise ValueError(f"target must hold {probs.shape[0]} labels, got {target.shape[0]}.")
+            raise KDConfigError(f"target must hold {probs.shape[0]} labels, got {target.shape[0]}.")
         self.sums.index_add_(0, target, probs.detach().to(self.sums))
         self.counts.index_add_(0, target, torch.ones_like(target, dtype=self.counts.dtype))
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, gather_tokens, upcast
 from kd_lightning.losses.divergences import kl_divergence
 from kd_lightning.losses.logit import kd_kl_div
@@ -49,7 +50,7 @@ def _pair(grid: int | Sequence[int] | None, name: str) -> Grid | None:
         return None
     pair = (int(grid), int(grid)) if isinstance(grid, int) else tuple(int(g) for g in grid)
     if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or [height, width], got {grid!r}.")
+        raise KDConfigError(f"{name} must be a positive int or [height, width], got {grid!r}.")
     return pair  # type: ignore[return-value]
 
 
@@ -79,7 +80,7 @@ def tokens_from_features(
         fmap = features
     elif features.dim() == 3:
         if not 0 <= num_prefix_tokens < features.shape[1]:
-            raise ValueError(
+            raise KDConfigError(
                 f"num_prefix_tokens={num_prefix_tokens} must be in [0, {features.shape[1]}) for tokens of shape "
                 f"{tuple(features.shape)}."
             )
@@ -90,17 +91,17 @@ def tokens_from_features(
         if token_grid is None:
             side = math.isqrt(n)
             if side * side != n:
-                raise ValueError(
+                raise KDConfigError(
                     f"{n} tokens do not form a square grid, so they cannot be pooled to {target}: give their "
                     "token_grid (a timm ViT's patch_embed.grid_size) or check num_prefix_tokens."
                 )
             token_grid = (side, side)
         h, w = (int(g) for g in token_grid)
         if h * w != n:
-            raise ValueError(f"token_grid {tuple(token_grid)} holds {h * w} tokens, not {n}.")
+            raise KDConfigError(f"token_grid {tuple(token_grid)} holds {h * w} tokens, not {n}.")
         fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
     else:
-        raise ValueError(
+        raise KDConfigError(
             "TRG needs spatial features: a CNN map [B, C, H, W] or ViT tokens [B, N, D], got shape "
             f"{tuple(features.shape)} (a pooled vector has no tokens: tap an earlier layer)."
         )
@@ -118,7 +119,7 @@ def sample_token_indices(
     teacher and student.
     """
     if k is not None and k < 1:
-        raise ValueError(f"num_sampled_tokens must be >= 1 or None (all tokens), got {k}.")
+        raise KDConfigError(f"num_sampled_tokens must be >= 1 or None (all tokens), got {k}.")
     if k is None or k >= num_tokens:
         return torch.arange(num_tokens).expand(batch_size, num_tokens).clone()
     return torch.rand(batch_size, num_tokens, generator=generator).argsort(dim=1)[:, :k]
@@ -134,7 +135,9 @@ def _off_diagonal(square: Tensor) -> Tensor:
 def _similarity_logits(nodes: Tensor, temperature: float) -> Tensor:
     """Cosine similarities ``[..., M, M-1]`` (self excluded) over ``τ``, in float32 with autocast off."""
     if nodes.shape[-2] < 2:
-        raise ValueError(f"a token graph needs at least 2 nodes, got {nodes.shape[-2]} (shape {tuple(nodes.shape)}).")
+        raise KDConfigError(
+            f"a token graph needs at least 2 nodes, got {nodes.shape[-2]} (shape {tuple(nodes.shape)})."
+        )
     with torch.autocast(device_type=nodes.device.type, enabled=False):
         x = F.normalize(nodes if nodes.dtype == torch.float64 else nodes.float(), dim=-1)
         return _off_diagonal(x @ x.transpose(-1, -2)) / temperature
@@ -157,7 +160,7 @@ def token_graph(nodes: Tensor, temperature: float = 0.1) -> Tensor:
 
 def _check_tokens(student: Tensor, teacher: Tensor, name: str) -> None:
     if student.shape != teacher.shape:
-        raise ValueError(
+        raise KDConfigError(
             f"{name}: student tokens {tuple(student.shape)} and teacher tokens {tuple(teacher.shape)} differ: "
             "project the student to the teacher's width and pool both to the same grid."
         )
@@ -191,7 +194,7 @@ def contextual_loss(student_tokens: Tensor, teacher_tokens: Tensor, temperature:
     check_temperature(temperature, "context_temperature")
     _check_tokens(student_tokens, teacher_tokens, "contextual_loss")
     if student_tokens.dim() != 3:
-        raise ValueError(f"contextual_loss expects tokens [B, N, D], got {tuple(student_tokens.shape)}.")
+        raise KDConfigError(f"contextual_loss expects tokens [B, N, D], got {tuple(student_tokens.shape)}.")
     return _relation_kl(student_tokens, teacher_tokens, temperature)
 
 
@@ -241,7 +244,7 @@ class TRGLoss(nn.Module):
         check_temperature(edge_temperature, "edge_temperature")
         check_temperature(context_temperature, "context_temperature")
         if num_sampled_tokens is not None and num_sampled_tokens < 1:
-            raise ValueError(f"num_sampled_tokens must be >= 1 or None (all tokens), got {num_sampled_tokens}.")
+            raise KDConfigError(f"num_sampled_tokens must be >= 1 or None (all tokens), got {num_sampled_tokens}.")
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.temperature = temperature
@@ -263,10 +266,12 @@ class TRGLoss(nn.Module):
         """Weighted ``node`` / ``edge`` / ``context`` terms summed over the token pairs (non-zero weights only)."""
         students, teachers = _as_list(student_tokens), _as_list(teacher_tokens)
         if len(students) != len(teachers) or not students:
-            raise ValueError(f"got {len(students)} student and {len(teachers)} teacher token tensors; need equal > 0.")
+            raise KDConfigError(
+                f"got {len(students)} student and {len(teachers)} teacher token tensors; need equal > 0."
+            )
         given = None if indices is None else _as_list(indices)
         if given is not None and len(given) != len(students):
-            raise ValueError(f"got {len(given)} index tensors for {len(students)} token pairs.")
+            raise KDConfigError(f"got {len(given)} index tensors for {len(students)} token pairs.")
         parts: dict[str, Tensor] = {}
 
         def add(name: str, value: Tensor) -> None:
@@ -275,7 +280,7 @@ class TRGLoss(nn.Module):
         self.last_indices = []
         for i, (s, t) in enumerate(zip(students, teachers, strict=True)):
             if s.dim() != 3:
-                raise ValueError(f"tokens must be [B, N, D], got student {tuple(s.shape)}.")
+                raise KDConfigError(f"tokens must be [B, N, D], got student {tuple(s.shape)}.")
             _check_tokens(s, t, "TRGLoss")
             t = t.detach()
             if self.node_weight or self.edge_weight:
@@ -311,6 +316,6 @@ class TRGLoss(nn.Module):
             parts["kd"] = self.kd_weight * kd_kl_div(student_logits, teacher_logits, self.temperature)
         parts.update(self.relation_terms(student_tokens, teacher_tokens, indices, generator))
         if not parts:
-            raise ValueError("TRGLoss: every weight is 0, so there is nothing to optimise.")
+            raise KDConfigError("TRGLoss: every weight is 0, so there is nothing to optimise.")
         total = sum(parts.values())
         return {"loss": total, **parts}

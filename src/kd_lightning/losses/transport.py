@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import entropy, forward_kl
+from kd_lightning.losses.schedule import ScheduledLoss
 
 Marginals = Literal["unit", "uniform"]
 
@@ -34,17 +36,17 @@ __all__ = [
 
 def _check_sinkhorn_args(epsilon: float, n_iters: int, marginals: str) -> None:
     if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}.")
+        raise KDConfigError(f"epsilon must be > 0, got {epsilon}.")
     if n_iters < 1:
-        raise ValueError(f"n_iters must be >= 1, got {n_iters}.")
+        raise KDConfigError(f"n_iters must be >= 1, got {n_iters}.")
     if marginals not in ("unit", "uniform"):
-        raise ValueError(f"marginals must be 'unit' or 'uniform', got {marginals!r}.")
+        raise KDConfigError(f"marginals must be 'unit' or 'uniform', got {marginals!r}.")
 
 
 def l1_cost(x: Tensor, y: Tensor) -> Tensor:
     """Pairwise L1 distances ``D_ij = ‖x_i − y_j‖_1`` of ``x`` ``[N, C]`` and ``y`` ``[M, C]``: ``[N, M]``."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"l1_cost needs [N, C] and [M, C] tensors, got {tuple(x.shape)} and {tuple(y.shape)}.")
+        raise KDConfigError(f"l1_cost needs [N, C] and [M, C] tensors, got {tuple(x.shape)} and {tuple(y.shape)}.")
     return (x.unsqueeze(1) - y.unsqueeze(0)).abs().sum(-1)
 
 
@@ -65,10 +67,10 @@ def sinkhorn_plan(cost: Tensor, epsilon: float = 0.1, n_iters: int = 20, margina
     """
     _check_sinkhorn_args(epsilon, n_iters, marginals)
     if cost.dim() != 2 or cost.shape[0] == 0 or cost.shape[1] == 0:
-        raise ValueError(f"cost must be a non-empty [N, M] matrix, got shape {tuple(cost.shape)}.")
+        raise KDConfigError(f"cost must be a non-empty [N, M] matrix, got shape {tuple(cost.shape)}.")
     n, m = cost.shape
     if marginals == "unit" and n != m:
-        raise ValueError(f"marginals='unit' needs a square cost matrix (equal masses), got {n}x{m}.")
+        raise KDConfigError(f"marginals='unit' needs a square cost matrix (equal masses), got {n}x{m}.")
     log_kernel = -upcast(cost) / epsilon
     log_a = -math.log(n) if marginals == "uniform" else 0.0
     log_b = -math.log(m) if marginals == "uniform" else 0.0
@@ -94,12 +96,12 @@ def sinkhorn_distance(
     A batch of one has a single coupling: the value is ``‖p^S_1 − p^T_1‖_1`` with either marginals.
     """
     if student_probs.shape != teacher_probs.shape or student_probs.dim() != 2:
-        raise ValueError(
+        raise KDConfigError(
             "student_probs and teacher_probs must both be [batch, num_classes], got "
             f"{tuple(student_probs.shape)} and {tuple(teacher_probs.shape)}."
         )
     if student_probs.shape[0] == 0:
-        raise ValueError("sinkhorn_distance needs a non-empty batch.")
+        raise KDConfigError("sinkhorn_distance needs a non-empty batch.")
     cost = l1_cost(upcast(student_probs), upcast(teacher_probs))
     plan = sinkhorn_plan(cost, epsilon, n_iters, marginals)
     return (plan * cost).sum()
@@ -113,14 +115,14 @@ def annealed_temperature(initial: float, epoch: int, num_epochs: int) -> float:
     """
     check_temperature(initial, "initial temperature")
     if num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}.")
+        raise KDConfigError(f"num_epochs must be >= 1, got {num_epochs}.")
     if num_epochs == 1:
         return float(initial)
     epoch = min(max(epoch, 0), num_epochs - 1)
     return (1.0 - initial) / (num_epochs - 1) * epoch + initial
 
 
-class SinKDLoss(nn.Module):
+class SinKDLoss(nn.Module, ScheduledLoss):
     """SinKD: ``(1 − α)·CE(z_S, y) + α·L_KD + β·λ_s·Σ_ij P_ij·D_ij``.
 
     ``D_ij = ‖softmax(z_S,i/τ_sin) − softmax(z_T,j/τ_sin)‖_1`` over the B×B pairs of the batch and
@@ -157,15 +159,19 @@ class SinKDLoss(nn.Module):
         n_iters: int = 20,
         marginals: Marginals = "unit",
         kd_mode: Literal["soft_ce", "kl"] = "soft_ce",
+        anneal_temperature: bool = False,
+        anneal_epochs: int | None = None,
     ) -> None:
         super().__init__()
         check_temperature(temperature)
+        if anneal_epochs is not None and anneal_epochs < 1:
+            raise KDConfigError("anneal_epochs", f"must be >= 1 or null, got {anneal_epochs}")
         check_temperature(sinkhorn_temperature, "sinkhorn_temperature")
         _check_sinkhorn_args(epsilon, n_iters, marginals)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+            raise KDConfigError(f"alpha must be in [0, 1], got {alpha}.")
         if kd_mode not in ("soft_ce", "kl"):
-            raise ValueError(f"kd_mode must be 'soft_ce' or 'kl', got {kd_mode!r}.")
+            raise KDConfigError(f"kd_mode must be 'soft_ce' or 'kl', got {kd_mode!r}.")
         self.alpha = alpha
         self.temperature = temperature
         self.sinkhorn_weight = sinkhorn_weight
@@ -175,6 +181,23 @@ class SinKDLoss(nn.Module):
         self.n_iters = n_iters
         self.marginals = marginals
         self.kd_mode = kd_mode
+        self.anneal_temperature = anneal_temperature
+        self.anneal_epochs = anneal_epochs
+
+    def current_temperature(self) -> float:
+        """The KD temperature at the current progress: constant unless ``anneal_temperature`` (then linear to 1
+        over ``anneal_epochs``, by default the run's ``max_epochs``)."""
+        if not self.anneal_temperature or self.progress is None:
+            return self.temperature
+        epochs = self.anneal_epochs or self.progress.max_epochs
+        if epochs is None:
+            raise KDConfigError(
+                "anneal_temperature", "needs the run's length", "set anneal_epochs or trainer.max_epochs"
+            )
+        return annealed_temperature(self.temperature, self.progress.epoch, epochs)
+
+    def schedule_stats(self) -> dict[str, float | Tensor]:
+        return {"kd_temperature": self.current_temperature()} if self.anneal_temperature else {}
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
         """Unweighted KD term at ``temperature``: soft cross-entropy, or ``T²·KL`` with ``kd_mode="kl"``."""
@@ -193,10 +216,10 @@ class SinKDLoss(nn.Module):
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float | None = None
     ) -> dict[str, Tensor]:
-        """Loss parts; ``temperature`` overrides T for this call (annealing). ``[..., C]`` logits are flattened:
+        """Loss parts; ``temperature`` overrides the (annealed) T for this call. ``[..., C]`` logits are flattened:
         every item is one point of the transport problem."""
         check_logits(student_logits, teacher_logits, target)
-        temperature = self.temperature if temperature is None else temperature
+        temperature = self.current_temperature() if temperature is None else temperature
         check_temperature(temperature)
         s = upcast(student_logits.reshape(-1, student_logits.shape[-1]))
         t = upcast(teacher_logits.reshape(-1, teacher_logits.shape[-1])).detach()

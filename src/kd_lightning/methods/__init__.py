@@ -1,14 +1,16 @@
-"""Distillation methods as LightningModules (one class per file).
+"""Distillation methods as LightningModules (one class per file), on the task-neutral core.
 
-The registry is this module: every class listed in ``__all__`` is usable by its short name
-in configs (``class_path: PLD``).
+``core.DistillationModule`` owns teachers, optimisation, schedules, logging and export; the task siblings in
+``tasks/`` add batches, metrics and data checks (classification, language modelling, masked images). The
+registry is this module: every class listed in ``__all__`` is usable by its short name in configs
+(``class_path: PLD``).
 """
 
 from kd_lightning.methods.adakd import AdaKD
 from kd_lightning.methods.attention_transfer import AT
-from kd_lightning.methods.base import ClassificationModule, DistillationModule
 from kd_lightning.methods.bd_kd import BDKD
 from kd_lightning.methods.bild import BiLD
+from kd_lightning.methods.core import DistillationModule
 from kd_lightning.methods.crd import CRD
 from kd_lightning.methods.dbild import DBiLD
 from kd_lightning.methods.decoupled_kl import DecoupledKLDistill
@@ -16,7 +18,6 @@ from kd_lightning.methods.dkd import DKD
 from kd_lightning.methods.dmae import DMAE
 from kd_lightning.methods.fitnet import FitNet
 from kd_lightning.methods.kl_mixing import KLMixingKD
-from kd_lightning.methods.lm_base import LMDistillationModule, LMSupervised
 from kd_lightning.methods.lm_distill import LMDistill
 from kd_lightning.methods.logit_standard_kd import LogitStandardKD
 from kd_lightning.methods.mix_kd import MixKD
@@ -26,9 +27,15 @@ from kd_lightning.methods.rkd import RKD
 from kd_lightning.methods.self_distill import GTSelfDistill
 from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.methods.skd import SKD
-from kd_lightning.methods.supervised import Supervised
 from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.taid import TAID
+from kd_lightning.methods.tasks import (
+    ClassificationDistillation,
+    LanguageModelDistillation,
+    LMSupervised,
+    MaskedImageDistillation,
+    Supervised,
+)
 from kd_lightning.methods.tgeo_kd import TGeoKD
 from kd_lightning.methods.trg import TRG
 from kd_lightning.methods.vanilla_kd import VanillaKD
@@ -46,7 +53,7 @@ __all__ = [
     "TRG",
     "AdaKD",
     "BiLD",
-    "ClassificationModule",
+    "ClassificationDistillation",
     "DBiLD",
     "DecoupledKLDistill",
     "DistillationModule",
@@ -54,9 +61,10 @@ __all__ = [
     "GTSelfDistill",
     "KLMixingKD",
     "LMDistill",
-    "LMDistillationModule",
     "LMSupervised",
+    "LanguageModelDistillation",
     "LogitStandardKD",
+    "MaskedImageDistillation",
     "MixKD",
     "OnPolicyDistill",
     "SinKD",

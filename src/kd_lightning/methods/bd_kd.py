@@ -11,10 +11,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.bd_kd import BDKDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class BDKD(DistillationModule):
+class BDKD(ClassificationDistillation):
     """BD-KD, online: teacher and student train together; **RECONSTRUCTION / UNVERIFIED** loss.
 
     Verified (abstract level): online KD; the student's KL is a per-sample mix of forward and reverse
@@ -51,11 +51,11 @@ class BDKD(DistillationModule):
         teacher_optimizer: the teacher's optimiser; ``None``: the same as ``optimizer``.
         teacher_lr_scheduler: the teacher's scheduler; ``None``: the same as ``lr_scheduler``.
         student, teacher, **kwargs: ``teacher_ckpt``, ``optimizer``, ``lr_scheduler``,
-            ``lr_scheduler_interval`` and the rest of :class:`~kd_lightning.methods.base.DistillationModule`.
+            ``lr_scheduler_interval`` and the rest of :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     trains_teacher = True
-    _object_arguments = (*DistillationModule._object_arguments, "teacher_optimizer", "teacher_lr_scheduler")
+    object_arguments = (*ClassificationDistillation.object_arguments, "teacher_optimizer", "teacher_lr_scheduler")
 
     def __init__(
         self,
@@ -75,7 +75,7 @@ class BDKD(DistillationModule):
         teacher_lr_scheduler: LRSchedulerCallable | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         try:
             self.criterion = BDKDLoss(
                 temperature=temperature,
@@ -101,15 +101,15 @@ class BDKD(DistillationModule):
         teacher_params = [p for p in self.teacher.parameters() if p.requires_grad]
         if not student_params or not teacher_params:
             raise KDConfigError(f"{type(self).__name__} needs trainable parameters in both student and teacher.")
-        student_opt = self.optimizer_factory(student_params)
-        teacher_opt = (self.teacher_optimizer_factory or self.optimizer_factory)(teacher_params)
-        schedulers = []
-        if self.lr_scheduler_factory is not None:
-            schedulers.append(self.lr_scheduler_factory(student_opt))
-        teacher_scheduler_factory = self.teacher_lr_scheduler_factory or self.lr_scheduler_factory
-        if teacher_scheduler_factory is not None:
-            schedulers.append(teacher_scheduler_factory(teacher_opt))
-        return [student_opt, teacher_opt], schedulers
+        student_opt = self.make_optimizer(student_params)
+        teacher_opt = self.make_optimizer(
+            teacher_params, self.teacher_optimizer_factory, "model.init_args.teacher_optimizer"
+        )
+        student_scheduler = self.make_scheduler(student_opt)
+        teacher_scheduler = self.make_scheduler(
+            teacher_opt, self.teacher_lr_scheduler_factory, "model.init_args.teacher_lr_scheduler"
+        )
+        return [student_opt, teacher_opt], [s for s in (student_scheduler, teacher_scheduler) if s is not None]
 
     def _schedulers(self) -> list[Any]:
         schedulers = self.lr_schedulers()
@@ -131,6 +131,7 @@ class BDKD(DistillationModule):
         student_logits = self.student(x)
         teacher_logits = self.teacher(x)
         parts = self.criterion(student_logits, teacher_logits, y)
+        self.check_finite(parts, batch, batch_idx)
         student_opt, teacher_opt = self.optimizers()
         student_opt.zero_grad()
         teacher_opt.zero_grad()
@@ -149,7 +150,7 @@ class BDKD(DistillationModule):
             "teacher_loss": parts["teacher_ce"] + parts["teacher_kl"],
             "reverse_share": (w_r / (w_f + w_r).clamp_min(torch.finfo(w_r.dtype).tiny)).mean(),
         }
-        self.log_parts("train", {**parts, **extras}, batch_size=batch_size)
+        self.log_terms("train", {**parts, **extras}, batch_size=batch_size)
         flat_y = y.reshape(-1)
         for name, logits in (("train_acc", student_logits), ("train_teacher_acc", teacher_logits)):
             self.metrics[name].update(logits.detach().reshape(-1, logits.shape[-1]), flat_y)
@@ -157,6 +158,7 @@ class BDKD(DistillationModule):
         return parts["loss"].detach()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if self.lr_scheduler_interval == "epoch":
             self._step_schedulers()
 
@@ -165,8 +167,8 @@ class BDKD(DistillationModule):
         self.teacher.eval()
 
     # ------------------------------------------------------------------ evaluation
-    def _build_metrics(self) -> None:
-        super()._build_metrics()
+    def build_metrics(self) -> None:
+        super().build_metrics()
         n = int(self.num_classes)
         self.metrics["train_teacher_acc"] = MulticlassAccuracy(num_classes=n, top_k=1, average="micro")
         for stage in ("val", "test"):

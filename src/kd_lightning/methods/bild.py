@@ -8,10 +8,10 @@ from torch import nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.bild import BiLDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class BiLD(DistillationModule):
+class BiLD(ClassificationDistillation):
     """BiLD: match the distributions of pairwise logit differences among the top-k logits.
 
     ``L = w_CE·CE(z_S, y) + w_KD·(t-LD + s-LD)``, ``LD = KL(softmax(d^T/τ) ‖ softmax(d^S/τ))`` over
@@ -26,7 +26,7 @@ class BiLD(DistillationModule):
         temperature: τ.
         kd_weight: w_KD, weight of t-LD and s-LD.
         ce_weight: w_CE, weight of the cross-entropy on the labels (0 = the paper's loss).
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -39,7 +39,7 @@ class BiLD(DistillationModule):
         ce_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         if top_k < 2:
             raise KDConfigError(f"model.init_args.top_k must be >= 2 (one pair of logits at least), got {top_k}.")
         if not temperature > 0:

@@ -7,9 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
 
-from kd_lightning.data.base import targets_of
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.contrastive import SAMPLING_MODES, CRDLoss, Sampling
@@ -19,13 +17,6 @@ from kd_lightning.methods.feature_base import FeatureDistillationModule, default
 __all__ = ["CRD"]
 
 _CHECKPOINT_KEY = "kd_crd_memory"
-
-
-def _index_space(dataset: Dataset) -> Dataset:
-    """The dataset whose positions the batch indices count: the source of (nested) ``Subset`` views."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
 
 
 class CRD(FeatureDistillationModule):
@@ -64,7 +55,7 @@ class CRD(FeatureDistillationModule):
         num_samples: ``N`` when the Trainer gets plain dataloaders instead of a data module; must match the
             data module's training set otherwise. ``None`` reads it from the data module.
         input_shape, clone_features: see :class:`~kd_lightning.methods.feature_base.FeatureDistillationModule`.
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
 
     Under DDP every rank keeps identical banks: the update gathers all ranks' indices and embeddings, the
     banks are broadcast from rank 0 once, and they are excluded from DDP's per-step buffer broadcast.
@@ -174,16 +165,18 @@ class CRD(FeatureDistillationModule):
                 "indices: set data.init_args.return_index: true (--data.init_args.return_index=true)."
             )
         train_set = getattr(datamodule, "train_set", None)
-        if train_set is None:
-            raise KDConfigError(f"CRD needs {name}.train_set after setup('fit') to size its memory banks.")
-        source = _index_space(train_set)
-        n = len(source)  # type: ignore[arg-type]
+        if train_set is None or not callable(getattr(datamodule, "train_targets", None)):
+            raise KDConfigError(
+                f"CRD sizes its memory banks from {name}'s train_set, train_index_size() and train_targets() "
+                "after setup('fit'): use a kd_lightning KDDataModule."
+            )
+        n = int(datamodule.train_index_size())
         if self.num_samples is not None and self.num_samples != n:
             raise KDConfigError(
                 f"model.init_args.num_samples={self.num_samples} but {name}'s training set has {n} samples: "
                 "leave num_samples empty to take the data's."
             )
-        labels = targets_of(source) if self.sampling == "exact" else None
+        labels = datamodule.train_targets() if self.sampling == "exact" else None
         return n, labels
 
     def setup(self, stage: str) -> None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.bild import DBiLDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class DBiLD(DistillationModule):
+class DBiLD(ClassificationDistillation):
     """DBiLD-style: BiLD with a per-sample dynamic k and reverse KL — **RECONSTRUCTION, UNVERIFIED**.
 
     Switch-KD's repository (haoyi199815/Switch-KD) releases no training or loss code; its abstract
@@ -26,56 +26,26 @@ class DBiLD(DistillationModule):
     k of each branch as ``train/k_teacher`` and ``train/k_student``.
 
     Args:
-        mass: ρ (UNVERIFIED).
-        k_min: smallest k, ≥ 2 and at most the class count (UNVERIFIED; 3 because k = 2 leaves one
-            pair, a constant distribution, so such samples would contribute 0).
-        k_max: largest k, capped at the class count (UNVERIFIED).
-        temperature: τ of the pair distributions (BiLD's 3; UNVERIFIED for DBiLD).
-        reverse_weight: λ, 1 = reverse KL (the README), 0 = forward KL as in BiLD.
-        mass_temperature: temperature of the softmax read by the mass rule (UNVERIFIED).
-        k_source: ``"leader"`` (each branch's k from its leader) or ``"teacher"`` (UNVERIFIED).
-        kd_weight: w_KD.
-        ce_weight: w_CE, cross-entropy on the labels (our addition for classification; 0 disables it).
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        loss: the DBiLD loss (``mass`` ρ, ``k_min``, ``k_max``, ``temperature``, ``reverse_weight`` λ,
+            ``mass_temperature``, ``k_source``, ``kd_weight``, ``ce_weight``: all UNVERIFIED choices, see
+            :class:`~kd_lightning.losses.bild.DBiLDLoss`); ``None``: its defaults
+            (ρ 0.9, k 3..16, τ 3, λ 1) with the CE term on (w_CE = 1).
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        mass: float = 0.9,
-        k_min: int = 3,
-        k_max: int = 16,
-        temperature: float = 3.0,
-        reverse_weight: float = 1.0,
-        mass_temperature: float = 1.0,
-        k_source: Literal["leader", "teacher"] = "leader",
-        kd_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(student, teacher, **kwargs)
-        try:
-            self.criterion = DBiLDLoss(
-                mass=mass,
-                k_min=k_min,
-                k_max=k_max,
-                temperature=temperature,
-                reverse_weight=reverse_weight,
-                mass_temperature=mass_temperature,
-                k_source=k_source,
-                kd_weight=kd_weight,
-                ce_weight=ce_weight,
-            )
-        except ValueError as err:
-            raise KDConfigError(f"model.init_args.{err}") from None
+    object_arguments = (*ClassificationDistillation.object_arguments, "loss")
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: DBiLDLoss | None = None, **kwargs: Any) -> None:
+        super().__init__(student=student, teacher=teacher, **kwargs)
+        self.criterion = loss if loss is not None else DBiLDLoss(ce_weight=1.0)
+
+    def check_data(self, datamodule: Any) -> None:
+        super().check_data(datamodule)
         if self.criterion.k_min > int(self.num_classes):
             raise KDConfigError(
-                f"model.init_args.k_min={self.criterion.k_min} exceeds the {self.num_classes} classes: "
-                f"set k_min <= {self.num_classes}."
+                "model.init_args.loss.init_args.k_min",
+                f"is {self.criterion.k_min} but there are only {self.num_classes} classes",
+                f"set k_min <= {self.num_classes}",
             )
 
     def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:

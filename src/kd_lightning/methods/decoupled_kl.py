@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.divergences import entropy, forward_kl, reverse_kl
 from kd_lightning.losses.lm import shift_for_next_token
-from kd_lightning.methods.lm_base import (
+from kd_lightning.methods.tasks.language_model import (
     IGNORE_INDEX,
-    LMDistillationModule,
+    LanguageModelDistillation,
     lm_batch,
     prompt_lengths,
     sample_continuations,
@@ -65,13 +65,13 @@ class EntropyGatedCurriculum(nn.Module):
         super().__init__()
         ladder = [int(v) for v in ladder]
         if not ladder or any(v < 1 for v in ladder) or any(b <= a for a, b in itertools.pairwise(ladder)):
-            raise ValueError(f"length_ladder must be strictly increasing positive lengths, got {ladder}.")
+            raise KDConfigError(f"length_ladder must be strictly increasing positive lengths, got {ladder}.")
         if entropy_min is not None and entropy_min < 0:
-            raise ValueError(f"entropy_min must be >= 0 or null, got {entropy_min}.")
+            raise KDConfigError(f"entropy_min must be >= 0 or null, got {entropy_min}.")
         if not entropy_min_ratio > 0:
-            raise ValueError(f"entropy_min_ratio must be > 0, got {entropy_min_ratio}.")
+            raise KDConfigError(f"entropy_min_ratio must be > 0, got {entropy_min_ratio}.")
         if patience < 1:
-            raise ValueError(f"gate_patience must be >= 1, got {patience}.")
+            raise KDConfigError(f"gate_patience must be >= 1, got {patience}.")
         self.ladder = ladder
         self.entropy_min = entropy_min
         self.entropy_min_ratio = entropy_min_ratio
@@ -124,7 +124,7 @@ class EntropyGatedCurriculum(nn.Module):
         return False
 
 
-class DecoupledKLDistill(LMDistillationModule):
+class DecoupledKLDistill(LanguageModelDistillation):
     """Prefix source × token KL direction (the paper's 2×2), KL mixing, and the entropy-gated length curriculum.
 
     Sequence-level KL decomposes per token (Zhao et al., "Decoupling KL and Trajectories", arXiv 2605.16826)::
@@ -150,7 +150,7 @@ class DecoupledKLDistill(LMDistillationModule):
     ``prompt_length`` tokens of packed text) plus ``L`` continuation tokens, generated (no grad) by the
     student or the teacher; ``teacher_prefix="dataset"`` uses the dataset's continuation as a stand-in for
     teacher samples (standard KD data; no teacher generation). Only the continuation is trained;
-    normalisation is over its valid tokens (see :class:`~kd_lightning.methods.lm_base.LMDistillationModule`).
+    normalisation is over its valid tokens (see :class:`~kd_lightning.methods.LanguageModelDistillation`).
 
     Length curriculum (``length_ladder`` given): ``L = ladder[m]``; after each validation the student's mean
     predictive entropy on its own length-``L`` continuations of the validation prompts (the held-out prompt
@@ -179,7 +179,7 @@ class DecoupledKLDistill(LMDistillationModule):
         top_k: top-k filter of the generation.
         eos_token_id: generation stops after it (kept); ``None``: never.
         pad_token_id: id at padded positions.
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.lm_base.LMDistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.LanguageModelDistillation`.
     """
 
     def __init__(
@@ -206,7 +206,7 @@ class DecoupledKLDistill(LMDistillationModule):
         pad_token_id: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         checks = {
             "prefix_source": (prefix_source in ("teacher", "student"), "'teacher' or 'student'"),
             "token_kl": (token_kl in ("forward", "reverse", "mixed"), "'forward', 'reverse' or 'mixed'"),

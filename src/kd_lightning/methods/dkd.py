@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from kd_lightning.losses import DKDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class DKD(DistillationModule):
+class DKD(ClassificationDistillation):
     """DKD: ``w_CE·CE + min(epoch/warmup, 1)·(α·TCKD + β·NCKD)``.
 
     TCKD is the KL of the binary target/non-target distributions, NCKD the KL among the
     non-target classes (:func:`kd_lightning.losses.dkd_terms`). The warm-up factor counts epochs
-    from 1, as mdistiller does (epoch 1 → 1/warmup). Defaults are mdistiller's CIFAR-100 values
-    (α = 1, β = 8, τ = 4, warm-up 20, w_CE = 1); per-pair β is in the configs. Verified against
-    mdistiller ``DKD.py``. ``standardize=True`` gives DKD+LS (Sun et al. 2024).
+    from 1, as mdistiller does (epoch 1 → 1/warmup); it is a schedule of :class:`~kd_lightning.losses.DKDLoss`.
+    Defaults are mdistiller's CIFAR-100 values (α = 1, β = 8, τ = 4, warm-up 20, w_CE = 1); per-pair β is in
+    the configs. Verified against mdistiller ``DKD.py``. ``standardize=True`` gives DKD+LS (Sun et al. 2024).
 
     Args:
         alpha: α, weight of TCKD.
@@ -26,7 +26,7 @@ class DKD(DistillationModule):
         ce_weight: w_CE.
         warmup_epochs: epochs of the linear ramp of the KD terms (0 disables it).
         standardize: z-score both logits before the KD terms (DKD+LS).
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -41,17 +41,5 @@ class DKD(DistillationModule):
         standardize: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
-        if warmup_epochs < 0:
-            raise ValueError(f"model.init_args.warmup_epochs must be >= 0, got {warmup_epochs}.")
-        self.warmup_epochs = warmup_epochs
-        self.criterion = DKDLoss(alpha, beta, temperature, ce_weight, standardize)
-
-    def warmup_factor(self) -> float:
-        """``min((current_epoch + 1) / warmup_epochs, 1)``; 1 without warm-up."""
-        if self.warmup_epochs == 0:
-            return 1.0
-        return min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
-
-    def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
-        return self.criterion(student_logits, teacher_logits, target, kd_scale=self.warmup_factor())
+        super().__init__(student=student, teacher=teacher, **kwargs)
+        self.criterion = DKDLoss(alpha, beta, temperature, ce_weight, standardize, warmup_epochs)

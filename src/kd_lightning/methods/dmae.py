@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,11 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError, TeacherCheckpointError
 from kd_lightning.losses._common import gather_tokens
-from kd_lightning.losses.mae import DMAELoss, MaskIndices, patchify, random_masking, sincos_pos_embed_2d
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.losses.mae import DMAELoss, MaskIndices, patchify, random_masking
+from kd_lightning.methods.tasks.masked_image import MaskedImageDistillation
+from kd_lightning.models.checkpoints import check_checkpoint_exists, read_checkpoint, select_role, state_dict_of
 from kd_lightning.models.mae_decoder import MAEDecoder
-from kd_lightning.teachers import check_checkpoint_exists, read_checkpoint, state_dict_of
+from kd_lightning.models.positional import sincos_pos_embed_2d
 
 __all__ = ["DMAE"]
 
@@ -65,7 +66,7 @@ def _block_indices(indices: Sequence[int], depth: int, field: str) -> list[int]:
     return out
 
 
-class DMAE(DistillationModule):
+class DMAE(MaskedImageDistillation):
     """DMAE: MAE pre-training of the student plus feature distillation from a (MAE pre-trained) teacher.
 
     One random mask per image (``mask_ratio`` of the patches removed) is drawn here and shared by both networks:
@@ -115,9 +116,8 @@ class DMAE(DistillationModule):
             trained), as in the official student.
         no_weight_decay_1d: no weight decay on biases, norms and other 1-D parameters (MAE/timm's
             ``add_weight_decay``); the optimiser's ``weight_decay`` applies to the rest.
-        eval_mask_seed: seed of the validation/test masks (mask of batch ``i`` drawn with seed ``eval_mask_seed + i``).
-        **kwargs: ``teacher_ckpt``, ``optimizer``, ``lr_scheduler`` and the other arguments of
-            :class:`~kd_lightning.methods.base.DistillationModule` (``fidelity`` has no effect: no logits here).
+        **kwargs: ``eval_mask_seed``, ``teacher_ckpt``, ``optimizer``, ``lr_scheduler`` and the other arguments
+            of :class:`~kd_lightning.methods.tasks.masked_image.MaskedImageDistillation`.
     """
 
     def __init__(
@@ -135,10 +135,9 @@ class DMAE(DistillationModule):
         decoder_mlp_ratio: float = 4.0,
         fixed_student_pos_embed: bool = True,
         no_weight_decay_1d: bool = True,
-        eval_mask_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         s_vit, t_vit = as_vit(student, "student"), as_vit(teacher, "teacher")
         if not 0.0 <= mask_ratio < 1.0:
             raise KDConfigError(f"model.init_args.mask_ratio must be in [0, 1), got {mask_ratio}.")
@@ -166,7 +165,6 @@ class DMAE(DistillationModule):
         self.teacher_blocks = _block_indices(teacher_blocks, len(t_vit.blocks), "teacher_blocks")
         self.teacher_stop = max(self.teacher_blocks)
         self.mask_ratio = mask_ratio
-        self.eval_mask_seed = eval_mask_seed
         self.no_weight_decay_1d = no_weight_decay_1d
         self.patch_size = s_patch
         self.grid_size = s_grid
@@ -292,75 +290,23 @@ class DMAE(DistillationModule):
         target = patchify(x, self.patch_size)
         return self.criterion(pred, target, masks.mask, student_feats, teacher_feats)
 
-    # ------------------------------------------------------------------ steps
-    @classmethod
-    def images(cls, batch: Any) -> Tensor:
-        """The images of a batch: a tensor, ``(x, *rest)`` or ``{"input": x, ...}`` (labels are not needed)."""
-        if isinstance(batch, Tensor):
-            return batch
-        if isinstance(batch, Mapping):
-            return batch["input"]
-        return batch[0]
+    def masked_loss(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return self.mae_loss(x, self.mask(x.shape[0], generator) if generator is not None else None)
 
-    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], None]:
-        return self.mae_loss(self.images(batch)), None
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = self.images(batch)
-        parts = self.mae_loss(x)
-        self.log_parts("train", parts, batch_size=x.shape[0])
-        return parts["loss"]
-
-    def _mae_eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
-        x = self.images(batch)
-        generator = torch.Generator().manual_seed(self.eval_mask_seed + batch_idx)
-        parts = self.mae_loss(x, self.mask(x.shape[0], generator))
-        self.log_parts(stage, parts, batch_size=x.shape[0])
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._mae_eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._mae_eval_step(batch, batch_idx, "test")
-
-    # ------------------------------------------------------------------ setup, metrics, optimisation
-    def setup(self, stage: str) -> None:
-        """Check the data's image shape against the ViTs; no class-count check (MAE pre-training has no labels)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.num_classes is None:
-            self.num_classes = getattr(datamodule, "num_classes", None)
-        input_shape = getattr(datamodule, "input_shape", None)
-        if input_shape is not None:
-            expected = (self.in_chans, *self.img_size)
-            if tuple(input_shape) != expected:
-                raise KDConfigError(
-                    f"{type(datamodule).__name__} gives images of shape {tuple(input_shape)} but the ViTs expect "
-                    f"{expected}: set img_size/in_chans of model.init_args.student and teacher to match the data."
-                )
-
-    def _build_metrics(self) -> None:
-        """No accuracy metrics: evaluation logs the reconstruction and distillation losses."""
+    def expected_input_shape(self) -> tuple[int, ...]:
+        return (self.in_chans, *self.img_size)
 
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()
-        if not params:
-            raise KDConfigError(f"{type(self).__name__} has no trainable parameters.")
         groups: Any = params
         if self.no_weight_decay_1d:
             decay = [p for p in params if p.ndim > 1]
             no_decay = [p for p in params if p.ndim <= 1]
             groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return self.build_optimizers(groups)
 
     # ------------------------------------------------------------------ teacher weights
-    def load_teacher(self, path: str | Path) -> None:
+    def load_teacher(self, path: str | Path, name: str = "teacher") -> None:
         """Load the teacher: an exact match first, else an MAE checkpoint's encoder keys into the timm ViT.
 
         MAE/DMAE checkpoints (``{"model": ...}`` with ``blocks.*``, ``patch_embed.*``, ``cls_token``,
@@ -370,7 +316,7 @@ class DMAE(DistillationModule):
         field = "model.init_args.teacher_ckpt"
         check_checkpoint_exists(path, field)
         try:
-            super().load_teacher(path)
+            super().load_teacher(path, name)
             self._teacher_missing: list[str] = []
         except TeacherCheckpointError as exact_error:
             self._teacher_missing = self._load_matching_keys(path, field, exact_error)
@@ -379,7 +325,8 @@ class DMAE(DistillationModule):
     def _load_matching_keys(self, path: str | Path, field: str, exact_error: Exception) -> list[str]:
         vit = as_vit(self.teacher, "teacher")
         own = vit.state_dict()
-        state = {k.replace("_orig_mod.", ""): v for k, v in state_dict_of(read_checkpoint(path)).items()}
+        raw = select_role(state_dict_of(read_checkpoint(path, field)), self.teacher_ckpt_key, field)
+        state = {k.replace("_orig_mod.", ""): v for k, v in raw.items()}
         prefixes: Counter[str] = Counter()
         for key in state:
             parts = key.split(".")

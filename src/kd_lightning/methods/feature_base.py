@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 from kd_lightning.models.taps import FeatureTaps, UnknownModuleError
 
 __all__ = ["FeatureDistillationModule", "default_layers"]
@@ -41,7 +41,7 @@ def default_layers(model: nn.Module, field: str, stages: slice = slice(1, -1)) -
     return list(names)[stages]
 
 
-class FeatureDistillationModule(DistillationModule):
+class FeatureDistillationModule(ClassificationDistillation):
     """Distillation module that reads intermediate features of student and teacher.
 
     Args:
@@ -69,7 +69,7 @@ class FeatureDistillationModule(DistillationModule):
         clone_features: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         self.student_layers = list(student_layers)
         self.teacher_layers = list(teacher_layers)
         detach_teacher = not self.trains_teacher

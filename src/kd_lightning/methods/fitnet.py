@@ -77,7 +77,7 @@ class HintRegressor(nn.Module):
             elif s_h >= t_h and s_w >= t_w:
                 self.proj = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
             else:
-                raise ValueError(
+                raise KDConfigError(
                     f"no conv regressor maps a student map {s} to a teacher map {t}: the student map must be "
                     "half, twice, or at least the teacher's size"
                 )
@@ -86,7 +86,7 @@ class HintRegressor(nn.Module):
             self.proj = nn.Linear(s[0], t[0])
             norm = nn.BatchNorm1d(t[0]) if batch_norm else nn.Identity()
         else:
-            raise ValueError(
+            raise KDConfigError(
                 f"cannot regress a student feature of shape {s} onto a teacher feature of shape {t}: both must be "
                 "[C, H, W] maps or both [D] vectors"
             )
@@ -94,7 +94,9 @@ class HintRegressor(nn.Module):
         self.act = nn.ReLU() if relu else nn.Identity()
         out = self._output_shape(s)
         if out != t:
-            raise ValueError(f"a regressor from {s} gives {out}, not the teacher's {t}: the widths cannot be matched")
+            raise KDConfigError(
+                f"a regressor from {s} gives {out}, not the teacher's {t}: the widths cannot be matched"
+            )
 
     def _output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         with torch.no_grad():

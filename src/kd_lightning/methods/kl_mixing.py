@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.divergences import entropy
 from kd_lightning.losses.kl_mixing import MixedKLLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class KLMixingKD(DistillationModule):
+class KLMixingKD(ClassificationDistillation):
     """KL-mixing KD: ``w_CE·CE + w_KD·τ²·[λ·KL(p_S ‖ p_T) + (1 − λ)·KL(p_T ‖ p_S)]``.
 
     The paper (LLM distillation) shows that the KL direction, not the prefix source, sets the
@@ -35,7 +36,7 @@ class KLMixingKD(DistillationModule):
         ce_weight: w_CE.
         kd_weight: w_KD.
         student, teacher, **kwargs: ``teacher_ckpt``, ``optimizer``, ``lr_scheduler`` and the other
-            arguments of :class:`~kd_lightning.methods.base.DistillationModule`.
+            arguments of :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -48,15 +49,15 @@ class KLMixingKD(DistillationModule):
         kd_weight: float = 0.9,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         if not 0.0 <= reverse_weight <= 1.0:
-            raise ValueError(f"model.init_args.reverse_weight must be in [0, 1], got {reverse_weight}.")
+            raise KDConfigError(f"model.init_args.reverse_weight must be in [0, 1], got {reverse_weight}.")
         if not temperature > 0:
-            raise ValueError(f"model.init_args.temperature must be > 0, got {temperature}.")
+            raise KDConfigError(f"model.init_args.temperature must be > 0, got {temperature}.")
         self.criterion = MixedKLLoss(reverse_weight, temperature, ce_weight, kd_weight)
 
-    def _build_metrics(self) -> None:
-        super()._build_metrics()
+    def build_metrics(self) -> None:
+        super().build_metrics()
         for stage in ("val", "test"):
             self.metrics[f"{stage}_student_entropy"] = MeanMetric()
 

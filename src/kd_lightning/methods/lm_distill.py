@@ -7,14 +7,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
+from kd_lightning.data.teacher_logits import TeacherLogitStore
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.adakd import AdaKDLoss
 from kd_lightning.losses.bild import BiLDLoss, DBiLDLoss, dynamic_logit_difference_kl, logit_difference_kl
 from kd_lightning.losses.lm import TOKEN_OBJECTIVES, shift_for_next_token, token_objective
+from kd_lightning.losses.sparse import sparse_kl
 from kd_lightning.losses.taid import TAIDLoss, taid_loss
-from kd_lightning.methods.lm_base import LMDistillationModule, lm_batch, masked_token_cross_entropy
+from kd_lightning.methods.tasks.language_model import LanguageModelDistillation, lm_batch, masked_token_cross_entropy
 
 #: Objectives with their own state or arguments, built from the existing losses (token-level here).
 SCHEDULED_OBJECTIVES = ("taid", "adakd", "bild", "dbild")
@@ -22,11 +23,11 @@ SCHEDULED_OBJECTIVES = ("taid", "adakd", "bild", "dbild")
 _OWN_WEIGHTS = {"taid": "distil_ratio", "adakd": "kd_ratio", "bild": "ce_weight", "dbild": "ce_weight"}
 
 
-class LMDistill(LMDistillationModule):
+class LMDistill(LanguageModelDistillation):
     """Off-policy LM distillation on the dataset's sequences: ``L = w_KD·D(p_T ‖ q_S) + w_CE·CE`` per token.
 
     ``L = Σ_{valid t} [w_KD·D_t + w_CE·CE(z_t, y_{t+1})] / N_valid`` with ``N_valid`` counted over the
-    gradient-accumulation group and the DDP ranks (:class:`~kd_lightning.methods.lm_base.LMDistillationModule`).
+    gradient-accumulation group and the DDP ranks (:class:`~kd_lightning.methods.LanguageModelDistillation`).
     ``D`` is ``objective``:
 
     - a name of :data:`kd_lightning.losses.lm.TOKEN_OBJECTIVES` (``forward_kl`` = KD/SFT direction,
@@ -49,7 +50,7 @@ class LMDistill(LMDistillationModule):
 
     ``teacher_logits_path`` reads the teacher's stored top-k log-probabilities (``kd lm-teacher-logits``)
     instead of running the teacher in training, with the sparse KL of
-    :func:`~kd_lightning.data.teacher_logits.sparse_kl` (the tail mass as one bucket by default); the teacher
+    :func:`~kd_lightning.losses.sparse.sparse_kl` (the tail mass as one bucket by default); the teacher
     network still scores validation (``fidelity``). ``objective`` must be ``forward_kl``.
 
     Args:
@@ -65,7 +66,7 @@ class LMDistill(LMDistillationModule):
         sparse_tail: how the sparse KL treats the mass outside the stored top-k (``"bucket"``, ``"zero"``,
             ``"uniform"``).
         student, teacher, **kwargs: ``tokenizer_ids_match``, ``teacher_ckpt``, ``optimizer``, ... of
-            :class:`~kd_lightning.methods.lm_base.LMDistillationModule`.
+            :class:`~kd_lightning.methods.LanguageModelDistillation`.
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class LMDistill(LMDistillationModule):
         sparse_tail: Literal["bucket", "zero", "uniform"] = "bucket",
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         args = dict(objective_args or {})
         known = sorted(TOKEN_OBJECTIVES) + list(SCHEDULED_OBJECTIVES)
         if objective not in known:
@@ -288,7 +289,6 @@ class LMDistill(LMDistillationModule):
         Checked against the teacher's weights (the validation teacher is the one the logits came from),
         the training split's tokens when given, and the temperature.
         """
-        from kd_lightning.data.teacher_logits import TeacherLogitStore
 
         try:
             store = TeacherLogitStore(self.teacher_logits_path, teacher=self.teacher, dataset=dataset)
@@ -302,7 +302,6 @@ class LMDistill(LMDistillationModule):
         return store
 
     def _sparse_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
-        from kd_lightning.data.teacher_logits import sparse_kl
 
         if self._store is None:
             self._store = self.open_store()
@@ -325,24 +324,3 @@ class LMDistill(LMDistillationModule):
         if self.ce_weight > 0:
             parts["ce"] = self.ce_weight * masked_token_cross_entropy(s, y, mask).sum()
         return {"loss": sum(parts.values()), **parts}, mask.sum()
-
-    # ------------------------------------------------------------------ schedules
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = super().training_step(batch, batch_idx)
-        if self.objective == "taid":
-            self.log("train/taid_t", self.criterion.t.clone(), on_step=True, on_epoch=False, batch_size=1)
-        elif self.objective == "adakd":
-            self.log("train/adakd_ratio", float(self.criterion.ratio), on_step=True, on_epoch=False, batch_size=1)
-            self.log(
-                "train/adakd_selected",
-                self.criterion.last_selected_fraction,
-                on_step=True,
-                on_epoch=False,
-                batch_size=1,
-            )
-        return loss
-
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """Once per optimizer step: TAID's ``t`` / AdaKD's ratio from the rank-averaged loss of the step."""
-        if self.objective in ("taid", "adakd"):
-            self.criterion.update_schedule(self.training_progress())

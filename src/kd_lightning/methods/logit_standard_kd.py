@@ -7,10 +7,10 @@ from typing import Any
 from torch import nn
 
 from kd_lightning.losses import LogitStandardKDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class LogitStandardKD(DistillationModule):
+class LogitStandardKD(ClassificationDistillation):
     """KD+LS: KD on z-scored logits, ``w_CE·CE(z_S, y) + w_KD·τ_b²·KL(σ(Z(z_T)/τ_b) ‖ σ(Z(z_S)/τ_b))``.
 
     ``Z(z) = (z − mean z)/(std z + 1e-7)`` per sample (unbiased std); CE on the raw logits.
@@ -21,7 +21,7 @@ class LogitStandardKD(DistillationModule):
         temperature: base temperature τ_b.
         ce_weight: w_CE.
         kd_weight: w_KD.
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -33,5 +33,5 @@ class LogitStandardKD(DistillationModule):
         kd_weight: float = 9.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         self.criterion = LogitStandardKDLoss(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)

@@ -8,10 +8,10 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.mix_kd import MixKDLoss, MixupPlan, UnmixedSampling, apply_mixup, mix_targets, sample_mixup
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class MixKD(DistillationModule):
+class MixKD(ClassificationDistillation):
     """MIX-KD: distil on a partially mixed batch with per-sample std-scaled logits.
 
     Each training batch is mixed inside :meth:`training_loss` (Partial MixUp):
@@ -43,7 +43,7 @@ class MixKD(DistillationModule):
         alpha: α, weight of the KL.
         temperature: τ of the ``"kd"`` baseline (unused by ``"mixstd"``).
         eps: added to σ (the official code has none; guards constant logits).
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class MixKD(DistillationModule):
         eps: float = 1e-7,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         if mixup not in ("partial", "full", "none"):
             raise KDConfigError(f"model.init_args.mixup must be 'partial', 'full' or 'none', got {mixup!r}.")
         if not 0.0 <= unmixed_fraction <= 1.0:

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.divergences import reverse_kl
 from kd_lightning.losses.lm import shift_for_next_token
-from kd_lightning.methods.lm_base import (
-    LMDistillationModule,
+from kd_lightning.methods.tasks.language_model import (
+    LanguageModelDistillation,
     lm_batch,
     pad_batches,
     prompt_lengths,
@@ -21,7 +21,7 @@ from kd_lightning.methods.lm_base import (
 )
 
 
-class OnPolicyDistill(LMDistillationModule):
+class OnPolicyDistill(LanguageModelDistillation):
     """On-policy distillation: reverse KL to the teacher on sequences the student samples itself.
 
     Per batch, a fraction λ (``on_policy_fraction``) of the sequences is replaced by the student's own
@@ -63,7 +63,7 @@ class OnPolicyDistill(LMDistillationModule):
         top_k: top-k filter of the sampling (``None``: the full distribution).
         eos_token_id: a sample stops after this token (kept); ``None``: never.
         pad_token_id: id written at padded positions (masked anyway).
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.lm_base.LMDistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.LanguageModelDistillation`.
     """
 
     def __init__(
@@ -82,7 +82,7 @@ class OnPolicyDistill(LMDistillationModule):
         pad_token_id: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         checks = {
             "on_policy_fraction": (0.0 <= on_policy_fraction <= 1.0, "in [0, 1]"),
             "mixing": (mixing in ("rows", "batch"), "'rows' or 'batch'"),

@@ -7,10 +7,10 @@ from typing import Any, Literal
 from torch import nn
 
 from kd_lightning.losses import PLDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class PLD(DistillationModule):
+class PLD(ClassificationDistillation):
     """PLD: the student's Plackett-Luce likelihood of the teacher-optimal ranking, teacher-weighted.
 
     ``L = (1/B) Σ_i Σ_k α_k (log Σ_{l≥k} exp(s_{π*_l}) − s_{π*_k})`` with π* = (label, then the
@@ -22,7 +22,7 @@ class PLD(DistillationModule):
         temperature: τ_T of the teacher weights (1.0: the paper's ImageNet optimum; its CIFAR
             section uses 4.0).
         weighting: ``"teacher"`` (PLD) or ``"uniform"`` (ListMLE ablation).
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -33,5 +33,5 @@ class PLD(DistillationModule):
         weighting: Literal["teacher", "uniform"] = "teacher",
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         self.criterion = PLDLoss(temperature=temperature, weighting=weighting)

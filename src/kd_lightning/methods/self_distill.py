@@ -8,10 +8,10 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.self_distill import GTSelfDistillLoss, SelfDistillLossKind, parameter_norm_penalty
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class GTSelfDistill(DistillationModule):
+class GTSelfDistill(ClassificationDistillation):
     """One generation of ground-truth-weighted self-distillation (teacher = previous generation).
 
     ``L = α·MSE(softmax(z_S), onehot(y)) + (1 − α)·MSE(softmax(z_S), softmax(z_T)) + c·Σ_θ ‖θ‖₂``
@@ -30,7 +30,7 @@ class GTSelfDistill(DistillationModule):
         temperature: τ of the ``"ce_kl"`` KL term.
         same_architecture: require teacher and student of the same class and parameter shapes
             (self-distillation); ``False`` allows any teacher.
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -44,7 +44,7 @@ class GTSelfDistill(DistillationModule):
         same_architecture: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         if reg_coef < 0:
             raise KDConfigError(f"model.init_args.reg_coef must be >= 0, got {reg_coef}.")
         if same_architecture:

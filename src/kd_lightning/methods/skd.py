@@ -9,10 +9,10 @@ from torch import nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.skd import SKDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class SKD(DistillationModule):
+class SKD(ClassificationDistillation):
     """SKD: ``α·CE(z_S, y) + (1 − α)·τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ))`` from a frozen ClST teacher.
 
     RECONSTRUCTION (unverified): the paper's abstract names soft targets and a "hybrid loss that also
@@ -26,7 +26,7 @@ class SKD(DistillationModule):
         temperature: τ.
         alpha: α in [0, 1], weight of the hard-label cross-entropy.
         student, teacher, **kwargs: ``teacher_ckpt``, ``optimizer``, ``lr_scheduler`` and the other
-            arguments of :class:`~kd_lightning.methods.base.DistillationModule`.
+            arguments of :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -37,7 +37,7 @@ class SKD(DistillationModule):
         alpha: float = 0.3,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         if not 0.0 <= alpha <= 1.0:
             raise KDConfigError(f"model.init_args.alpha must be in [0, 1], got {alpha}.")
         if not temperature > 0:

@@ -9,10 +9,10 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.swing import NoiseKind, NoiseTarget, PrivacyScores, SwingLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class SwingKD(DistillationModule):
+class SwingKD(ClassificationDistillation):
     """Swing Distillation: per-item temperatures from a privacy score, and noisy soft targets.
 
     **The whole method is an UNVERIFIED reconstruction from the paper's abstract** (no paper body
@@ -43,10 +43,10 @@ class SwingKD(DistillationModule):
             renormalise) or ``"logits"`` (add to the tempered teacher logits) — [UNVERIFIED].
         soften_student: divide the student's logits by T_i as well (the formula above). ``False``:
             plain student softmax, no T_i² factor — a variant, not from the paper.
-        student, teacher, **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+        student, teacher, **kwargs: see :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
-    _object_arguments = (*DistillationModule._object_arguments, "privacy_scores")
+    object_arguments = (*ClassificationDistillation.object_arguments, "privacy_scores")
 
     def __init__(
         self,
@@ -64,7 +64,7 @@ class SwingKD(DistillationModule):
         soften_student: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         field = "model.init_args"
         try:
             self.criterion = SwingLoss(

@@ -10,10 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
@@ -25,7 +24,7 @@ from kd_lightning.losses.tgeo_kd import (
     fusion_feature_dim,
     geometry_features,
 )
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
 def _average_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
@@ -38,13 +37,7 @@ def _average_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
     return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class TGeoKD(DistillationModule):
+class TGeoKD(ClassificationDistillation):
     """TGeo-KD: ``ℓ_i = α_i·τ²·KL(p_T^τ ‖ p_S^τ) + (1 − α_i)·CE(s_i, y_i)`` with ``α_i = f_ω(Δ_i)``.
 
     ``Δ_i`` encodes the geometry of student prediction, teacher prediction, label and the
@@ -61,10 +54,10 @@ class TGeoKD(DistillationModule):
     3. inner: the real student update on ``mean_i ℓ_i(θ, α_i)`` with ``α`` recomputed by the updated
        ``ω`` and detached.
 
-    The held-out split is carved from the training set by the data module's ``hold_out(fraction)``
-    at setup. T̄ is computed from the teacher over that split before training (as the official
-    CIFAR code does), or accumulated over the first epoch's training batches
-    (``class_mean_source="train_batches"``); both add sums and counts across DDP ranks. Logged:
+    The held-out split is the data module's meta split (``data.init_args.meta_split``, 10 % of each class
+    in the configs), carved from the training set and served by ``meta_dataloader()``. T̄ is computed from the
+    teacher over that split before training (as the official CIFAR code does), or accumulated over the first
+    epoch's training batches (``class_mean_source="train_batches"``); both add sums and counts across DDP ranks. Logged:
     ``train/{loss,kd,ce}``, the outer loss ``train/holdout_ce`` and the per-sample fusion ratios
     ``train/alpha_mean``, ``train/alpha_std``.
 
@@ -96,17 +89,15 @@ class TGeoKD(DistillationModule):
         last_layer: name of the student submodule unrolled with ``unroll="last_layer"``;
             ``None`` takes the student's last ``nn.Linear`` (``fc`` in the CIFAR zoo).
         inner_lr: η_inner of the virtual step; ``None`` uses the student optimiser's current lr.
-        holdout_fraction: share of each class of the training set held out for the outer problem.
-        holdout_batch_size: batch size of the held-out batches; ``None`` uses the data's batch size.
         holdout_seed: seed of the held-out batches' order (plus the DDP rank).
         class_mean_source: ``"held_out"`` (T̄ over the held-out split before training) or
             ``"train_batches"`` (accumulated over the training batches of the first epoch).
         student, teacher, **kwargs: ``teacher_ckpt``, ``optimizer`` (the student's),
             ``lr_scheduler`` (the student's) and the other arguments of
-            :class:`~kd_lightning.methods.base.DistillationModule`.
+            :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
-    _object_arguments = (*DistillationModule._object_arguments, "fusion_optimizer")
+    object_arguments = (*ClassificationDistillation.object_arguments, "fusion_optimizer")
 
     class_means: Tensor
     class_means_ready: Tensor
@@ -123,13 +114,11 @@ class TGeoKD(DistillationModule):
         unroll: Literal["full", "last_layer"] = "full",
         last_layer: str | None = None,
         inner_lr: float | None = None,
-        holdout_fraction: float = 0.1,
-        holdout_batch_size: int | None = None,
         holdout_seed: int = 0,
         class_mean_source: Literal["held_out", "train_batches"] = "held_out",
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         if not temperature > 0:
             raise KDConfigError(f"model.init_args.temperature must be > 0, got {temperature}.")
         if features not in FEATURE_VARIANTS:
@@ -144,10 +133,6 @@ class TGeoKD(DistillationModule):
             raise KDConfigError(f"model.init_args.unroll must be 'full' or 'last_layer', got {unroll!r}.")
         if inner_lr is not None and not inner_lr > 0:
             raise KDConfigError(f"model.init_args.inner_lr must be > 0 or null, got {inner_lr}.")
-        if not 0.0 < holdout_fraction < 1.0:
-            raise KDConfigError(f"model.init_args.holdout_fraction must be in (0, 1), got {holdout_fraction}.")
-        if holdout_batch_size is not None and holdout_batch_size < 1:
-            raise KDConfigError(f"model.init_args.holdout_batch_size must be >= 1 or null, got {holdout_batch_size}.")
         if class_mean_source not in ("held_out", "train_batches"):
             raise KDConfigError(
                 f"model.init_args.class_mean_source must be 'held_out' or 'train_batches', got {class_mean_source!r}."
@@ -161,14 +146,11 @@ class TGeoKD(DistillationModule):
         self.unroll = unroll
         self.last_layer = last_layer
         self.inner_lr = inner_lr
-        self.holdout_fraction = holdout_fraction
-        self.holdout_batch_size = holdout_batch_size
         self.holdout_seed = holdout_seed
         self.class_mean_source = class_mean_source
         self.loss_fn = TGeoKDLoss(temperature)
         self.fusion_net: FusionRatioNet | None = None
         self.class_mean_accumulator: ClassMeanAccumulator | None = None
-        self._holdout_set: Dataset | None = None
         self._holdout_cycle: DataLoader | None = None
         self._holdout_iter: Iterator[Any] | None = None
         self._unrolled = self._resolve_unrolled()
@@ -203,21 +185,19 @@ class TGeoKD(DistillationModule):
                 "scaling. Use bf16-mixed or 32."
             )
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not callable(getattr(datamodule, "hold_out", None)):
+        if datamodule is None or not callable(getattr(datamodule, "meta_dataloader", None)):
             raise KDConfigError(
-                f"TGeoKD needs a data module with hold_out(fraction) (a kd_lightning KDDataModule) to carve its "
-                f"held-out split from the training set; got {type(datamodule).__name__}. Pass the data as a "
-                "data module (trainer.fit(model, datamodule=...))."
+                "data",
+                f"TGeoKD learns its fusion network on a held-out meta split served by the data module's "
+                f"meta_dataloader(); {type(datamodule).__name__} has none",
+                "use a kd_lightning KDDataModule with data.init_args.meta_split: 0.1 (fit with datamodule=...)",
             )
-        held_out = datamodule.hold_out(self.holdout_fraction)
-        if len(held_out) == 0:  # type: ignore[arg-type]
-            rank_zero_warn(
-                f"TGeoKD: model.init_args.holdout_fraction={self.holdout_fraction} holds out no sample (every class "
-                "has at most one training sample); the outer problem and T̄ use the training set itself. Only "
-                "sensible on toy data."
+        if not getattr(datamodule, "meta_split", 0):
+            raise KDConfigError(
+                "data.init_args.meta_split",
+                "is 0: TGeoKD learns its fusion network on a held-out meta split of the training set",
+                "set data.init_args.meta_split, e.g. 0.1 (the paper's 10 %)",
             )
-            held_out = datamodule.train_set
-        self._holdout_set = held_out
         self._holdout_cycle = self._holdout_iter = None
 
     def _resolve_unrolled(self) -> list[str]:
@@ -248,25 +228,7 @@ class TGeoKD(DistillationModule):
 
     # ------------------------------------------------------------------ held-out data
     def _holdout_loader(self, shuffle: bool, shard: bool) -> DataLoader:
-        if self._holdout_set is None:
-            raise RuntimeError("TGeoKD: the held-out split is built in setup('fit').")
-        datamodule = self.trainer.datamodule
-        dataset = self._holdout_set
-        rank, world = _distributed()
-        if shard and world > 1:
-            dataset = Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
-        batch_size = self.holdout_batch_size or int(getattr(datamodule, "batch_size", 64))
-        num_workers = int(getattr(datamodule, "num_workers", 0))
-        generator = torch.Generator().manual_seed(self.holdout_seed + rank)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            drop_last=shuffle and len(dataset) > batch_size,  # type: ignore[arg-type]
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0 and shuffle,
-        )
+        return self.trainer.datamodule.meta_dataloader(shuffle=shuffle, shard=shard, seed=self.holdout_seed)
 
     def next_holdout_batch(self) -> tuple[Tensor, Tensor]:
         """The next held-out ``(x, y)`` on the module's device (the loader cycles forever)."""
@@ -299,6 +261,7 @@ class TGeoKD(DistillationModule):
             self.class_means_ready.fill_(True)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if self.class_mean_source == "train_batches" and not bool(self.class_means_ready):
             self.class_means.copy_(self.class_mean_accumulator.compute())  # type: ignore[union-attr]
             self.class_means_ready.fill_(True)
@@ -375,7 +338,7 @@ class TGeoKD(DistillationModule):
         self._step_scheduler("step")
 
         batch_size = y.shape[0]
-        self.log_parts("train", parts, batch_size=batch_size)
+        self.log_terms("train", parts, batch_size=batch_size)
         alpha = alpha.float()
         stats = {"holdout_ce": outer, "alpha_mean": alpha.mean(), "alpha_std": alpha.std(unbiased=False)}
         for name, value in stats.items():

@@ -71,7 +71,7 @@ class TRG(FeatureDistillationModule):
     choice is an argument.
 
     Args:
-        student, teacher: the networks (see :class:`~kd_lightning.methods.base.DistillationModule`).
+        student, teacher: the networks (see :class:`~kd_lightning.methods.ClassificationDistillation`).
         student_layers: tapped student layers (one per pair); ``None``: the last stage before pooling of a zoo
             model, the last block of a timm ViT.
         teacher_layers: tapped teacher layers, paired in order with ``student_layers``; same default.
@@ -93,7 +93,7 @@ class TRG(FeatureDistillationModule):
         context_temperature: τ_c of the per-image graphs.
         input_shape: one input without batch dimension; builds the projectors at construction (otherwise at
             setup from the data module).
-        **kwargs: ``clone_features`` and the arguments of :class:`~kd_lightning.methods.base.DistillationModule`
+        **kwargs: ``clone_features`` and the arguments of :class:`~kd_lightning.methods.ClassificationDistillation`
             (``teacher_ckpt``, ``optimizer``, ``lr_scheduler``, ...).
     """
 

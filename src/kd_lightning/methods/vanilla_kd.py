@@ -7,10 +7,10 @@ from typing import Any
 from torch import nn
 
 from kd_lightning.losses import KDLoss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
-class VanillaKD(DistillationModule):
+class VanillaKD(ClassificationDistillation):
     """Hinton KD: ``w_CE·CE(z_S, y) + w_KD·τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ))``.
 
     KL summed over classes, averaged over the batch, scaled by τ². Defaults follow mdistiller's
@@ -21,7 +21,7 @@ class VanillaKD(DistillationModule):
         ce_weight: w_CE, weight of the cross-entropy on the labels.
         kd_weight: w_KD, weight of the soft-target term.
         student, teacher, **kwargs: ``teacher_ckpt``, ``optimizer``, ``lr_scheduler`` and the other
-            arguments of :class:`~kd_lightning.methods.base.DistillationModule`.
+            arguments of :class:`~kd_lightning.methods.ClassificationDistillation`.
     """
 
     def __init__(
@@ -33,5 +33,5 @@ class VanillaKD(DistillationModule):
         kd_weight: float = 0.9,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
+        super().__init__(student=student, teacher=teacher, **kwargs)
         self.criterion = KDLoss(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)

@@ -34,7 +34,7 @@ def sample_next_token(
     """One token per row of ``[B, V]`` logits: greedy at ``temperature=0``, else sampled from
     ``softmax(logits/temperature)`` restricted to the ``top_k`` largest logits (all when ``None`` or 0)."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        raise KDConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
@@ -65,7 +65,7 @@ def _as_bool_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | 
     if attention_mask is None:
         return None
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
+        raise KDConfigError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
             f"{tuple(attention_mask.shape)}."
         )
@@ -227,10 +227,10 @@ class TinyGPT(nn.Module):
         past_mask: Tensor | None = None,
     ) -> Tensor:
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}.")
+            raise KDConfigError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}.")
         past_length = 0 if not caches or "k" not in caches[0] else caches[0]["k"].shape[2]
         if past_length + input_ids.shape[1] > self.max_seq_len:
-            raise ValueError(
+            raise KDConfigError(
                 f"sequence of {past_length + input_ids.shape[1]} tokens is longer than TinyGPT's max_seq_len "
                 f"({self.max_seq_len}): shorten the data's block_size / the generation, or build the model with a "
                 "larger max_seq_len."
@@ -238,7 +238,7 @@ class TinyGPT(nn.Module):
         if input_ids.numel():
             low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= self.vocab_size:
-                raise ValueError(
+                raise KDConfigError(
                     f"token ids must be in [0, {self.vocab_size}), got [{low}, {high}]: the tokenizer's vocabulary "
                     "is larger than the model's vocab_size."
                 )
@@ -281,9 +281,9 @@ class TinyGPT(nn.Module):
         :func:`completion_mask` for the mask of the generated tokens.
         """
         if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+            raise KDConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
         if input_ids.shape[1] + max_new_tokens > self.max_seq_len:
-            raise ValueError(
+            raise KDConfigError(
                 f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds TinyGPT's "
                 f"max_seq_len ({self.max_seq_len})."
             )
@@ -433,9 +433,9 @@ class HFCausalLM(nn.Module):
         left-padded. Returns prompt + new tokens; after EOS, rows hold ``pad_token_id`` (default the EOS).
         ``generator`` is not supported by transformers (seed with ``torch.manual_seed``)."""
         if generator is not None:
-            raise ValueError("HFCausalLM.generate does not take a torch.Generator; seed with torch.manual_seed.")
+            raise KDConfigError("HFCausalLM.generate does not take a torch.Generator; seed with torch.manual_seed.")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+            raise KDConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
         pad = eos_token_id if pad_token_id is None else pad_token_id
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.losses.mae import sincos_pos_embed_2d
+from kd_lightning.errors import KDConfigError
+from kd_lightning.models.positional import sincos_pos_embed_2d
 
 __all__ = ["MAEDecoder", "MAEDecoderBlock"]
 
@@ -32,7 +33,7 @@ class MAEDecoderBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"the decoder width {dim} must be a multiple of its number of heads {num_heads}.")
+            raise KDConfigError(f"the decoder width {dim} must be a multiple of its number of heads {num_heads}.")
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -86,7 +87,7 @@ class MAEDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 0 or dim < 1 or patch_dim < 1:
-            raise ValueError(
+            raise KDConfigError(
                 f"MAEDecoder needs dim >= 1, depth >= 0 and patch_dim >= 1; got {dim}, {depth}, {patch_dim}."
             )
         self.num_prefix_tokens = num_prefix_tokens
@@ -116,7 +117,7 @@ class MAEDecoder(nn.Module):
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         p, length = self.num_prefix_tokens, self.num_patches
         if ids_restore.shape[-1] != length:
-            raise ValueError(
+            raise KDConfigError(
                 f"ids_restore covers {ids_restore.shape[-1]} patches but the decoder was built for {length}."
             )
         x = self.embed(latent)

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.errors import KDConfigError
+
 __all__ = [
     "KDCNN",
     "PSCA",
@@ -42,13 +44,13 @@ ChannelBranch = Literal["se", "xcit", "none"]
 def _check_positive(name: str, values: Sequence[int | float]) -> None:
     bad = [v for v in values if not v > 0]
     if bad:
-        raise ValueError(f"{name} must hold positive values, got {list(values)}.")
+        raise KDConfigError(f"{name} must hold positive values, got {list(values)}.")
 
 
 def _per_stage(name: str, values: Sequence[int], stages: int) -> tuple[int, ...]:
     values = tuple(int(v) for v in values)
     if len(values) != stages:
-        raise ValueError(f"{name} needs one value per stage ({stages} stages, from embed_dims), got {list(values)}.")
+        raise KDConfigError(f"{name} needs one value per stage ({stages} stages, from embed_dims), got {list(values)}.")
     _check_positive(name, values)
     return values
 
@@ -166,9 +168,9 @@ class PSCA(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"num_heads ({num_heads}) must divide the stage width ({dim}).")
+            raise KDConfigError(f"num_heads ({num_heads}) must divide the stage width ({dim}).")
         if channel_branch not in ("se", "xcit", "none"):
-            raise ValueError(f"channel_branch must be 'se', 'xcit' or 'none', got {channel_branch!r}.")
+            raise KDConfigError(f"channel_branch must be 'se', 'xcit' or 'none', got {channel_branch!r}.")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.q = ConvProjection(dim, proj_kernel, 1)
@@ -300,7 +302,7 @@ class ClST(_FeatureStagesMixin, nn.Module):
         embed_dims = tuple(int(c) for c in embed_dims)
         stages = len(embed_dims)
         if stages == 0:
-            raise ValueError("embed_dims must name at least one stage.")
+            raise KDConfigError("embed_dims must name at least one stage.")
         _check_positive("embed_dims", embed_dims)
         if strides is None:
             strides = (2,) * stages if input_length <= 256 else (4,) + (2,) * (stages - 1)
@@ -309,10 +311,12 @@ class ClST(_FeatureStagesMixin, nn.Module):
         num_heads = _per_stage("num_heads", num_heads, stages)
         depths = tuple(int(d) for d in depths)
         if len(depths) != stages or any(d < 0 for d in depths):
-            raise ValueError(f"depths needs one value >= 0 per stage ({stages} stages), got {list(depths)}.")
+            raise KDConfigError(f"depths needs one value >= 0 per stage ({stages} stages), got {list(depths)}.")
         for dim, heads in zip(embed_dims, num_heads):
             if dim % heads:
-                raise ValueError(f"num_heads {list(num_heads)} must divide embed_dims {list(embed_dims)} stage-wise.")
+                raise KDConfigError(
+                    f"num_heads {list(num_heads)} must divide embed_dims {list(embed_dims)} stage-wise."
+                )
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.input_length = input_length
@@ -339,7 +343,7 @@ class ClST(_FeatureStagesMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ClST expects [B, {self.in_channels}, L] IQ frames, got {tuple(x.shape)}.")
+            raise KDConfigError(f"ClST expects [B, {self.in_channels}, L] IQ frames, got {tuple(x.shape)}.")
         tokens = self.norm(self.stages(x).transpose(1, 2))
         return self.fc(self.head_drop(tokens.mean(dim=1)))
 
@@ -379,10 +383,10 @@ class KDCNN(_FeatureStagesMixin, nn.Module):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if not channels:
-            raise ValueError("channels must name at least one block.")
+            raise KDConfigError("channels must name at least one block.")
         _check_positive("channels", channels)
         if pool > 1 and input_length < pool ** len(channels):
-            raise ValueError(f"input_length {input_length} is too short for {len(channels)} max-pools of {pool}.")
+            raise KDConfigError(f"input_length {input_length} is too short for {len(channels)} max-pools of {pool}.")
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.input_length = input_length
@@ -462,7 +466,7 @@ class KDMobileNet(_FeatureStagesMixin, nn.Module):
         channels = tuple(int(c) for c in channels)
         strides = tuple(int(s) for s in strides)
         if not channels or len(strides) != len(channels):
-            raise ValueError(
+            raise KDConfigError(
                 f"channels and strides need one value per block, got {list(channels)} and {list(strides)}."
             )
         _check_positive("channels", (stem_channels, *channels))

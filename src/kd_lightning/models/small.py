@@ -7,6 +7,8 @@ from math import prod
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 __all__ = ["MLP", "SmallCNN"]
 
 
@@ -49,7 +51,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or prod(x.shape[1:]) != self.in_features:
-            raise ValueError(
+            raise KDConfigError(
                 f"MLP(in_features={self.in_features}) got input of shape {tuple(x.shape)} "
                 f"({prod(x.shape[1:]) if x.dim() >= 2 else 'no'} features per sample); "
                 "set in_features to the product of the non-batch dimensions (64 for 8x8 digits, 3072 for CIFAR)"
@@ -85,7 +87,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         widths = tuple(widths)
         if not widths:
-            raise ValueError("SmallCNN needs at least one conv block: widths must not be empty")
+            raise KDConfigError("SmallCNN needs at least one conv block: widths must not be empty")
         self.in_channels = in_channels
         blocks = []
         c = in_channels

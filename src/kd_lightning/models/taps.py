@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from kd_lightning.errors import KDConfigError
+
 __all__ = ["FeatureTaps", "UnknownModuleError", "module_names"]
 
 _SUFFIXES = ("output", "input")
@@ -49,7 +51,7 @@ def _parse(name: str) -> tuple[str, str]:
     if not sep:
         return name, "output"
     if suffix not in _SUFFIXES:
-        raise ValueError(f"Tap {name!r}: the part after ':' must be 'input' or 'output', not {suffix!r}")
+        raise KDConfigError(f"Tap {name!r}: the part after ':' must be 'input' or 'output', not {suffix!r}")
     return path, suffix
 
 

@@ -16,6 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 from ._base import CifarModel
 
 __all__ = ["InvertedResidual", "MobileNetV2"]
@@ -38,7 +40,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
         if stride not in (1, 2):
-            raise ValueError(f"InvertedResidual stride must be 1 or 2; got {stride}")
+            raise KDConfigError(f"InvertedResidual stride must be 1 or 2; got {stride}")
         hidden = inp * expand_ratio
         self.use_res_connect = stride == 1 and inp == oup
         self.conv = nn.Sequential(

@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 from ._base import CifarModel
 
 __all__ = [
@@ -109,20 +111,20 @@ class ResNet(CifarModel):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) != 4:
-            raise ValueError(f"ResNet widths must have 4 entries (stem, stage1..3); got {widths}")
+            raise KDConfigError(f"ResNet widths must have 4 entries (stem, stage1..3); got {widths}")
         kind = block.lower()
         if kind in ("basic", "basicblock"):
             if (depth - 2) % 6 != 0:
-                raise ValueError(f"ResNet with basic blocks needs depth 6n+2 (20, 32, 56, ...); got {depth}")
+                raise KDConfigError(f"ResNet with basic blocks needs depth 6n+2 (20, 32, 56, ...); got {depth}")
             n, block_cls = (depth - 2) // 6, BasicBlock
         elif kind == "bottleneck":
             if (depth - 2) % 9 != 0:
-                raise ValueError(f"ResNet with bottlenecks needs depth 9n+2 (29, 47, 56, ...); got {depth}")
+                raise KDConfigError(f"ResNet with bottlenecks needs depth 9n+2 (29, 47, 56, ...); got {depth}")
             n, block_cls = (depth - 2) // 9, Bottleneck
         else:
-            raise ValueError(f"ResNet block must be 'basic' or 'bottleneck'; got {block!r}")
+            raise KDConfigError(f"ResNet block must be 'basic' or 'bottleneck'; got {block!r}")
         if n < 1:
-            raise ValueError(f"ResNet depth {depth} leaves no residual blocks")
+            raise KDConfigError(f"ResNet depth {depth} leaves no residual blocks")
         self.depth = depth
         self.widths = widths
 

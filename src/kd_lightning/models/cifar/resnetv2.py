@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 from ._base import CifarModel
 
 __all__ = [
@@ -105,10 +107,10 @@ class CIFARResNet(CifarModel):
         elif block.lower() == "bottleneck":
             block_cls = PreReluBottleneck
         else:
-            raise ValueError(f"CIFARResNet block must be 'basic' or 'bottleneck'; got {block!r}")
+            raise KDConfigError(f"CIFARResNet block must be 'basic' or 'bottleneck'; got {block!r}")
         num_blocks = tuple(num_blocks)
         if len(num_blocks) != 4 or min(num_blocks) < 1:
-            raise ValueError(f"CIFARResNet needs 4 stages of >= 1 block; got num_blocks={num_blocks}")
+            raise KDConfigError(f"CIFARResNet needs 4 stages of >= 1 block; got num_blocks={num_blocks}")
         self.in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 from ._base import CifarModel
 
 __all__ = ["ChannelShuffle", "ShuffleNetV1", "ShuffleV1Bottleneck"]
@@ -92,7 +94,7 @@ class ShuffleNetV1(CifarModel):
         super().__init__()
         out_planes, num_blocks = tuple(out_planes), tuple(num_blocks)
         if len(out_planes) != 3 or len(num_blocks) != 3:
-            raise ValueError(f"ShuffleNetV1 needs 3 stages; got out_planes={out_planes}, num_blocks={num_blocks}")
+            raise KDConfigError(f"ShuffleNetV1 needs 3 stages; got out_planes={out_planes}, num_blocks={num_blocks}")
         self.groups = groups
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)

@@ -12,6 +12,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 from ._base import CifarModel
 from .shufflenetv1 import ChannelShuffle
 
@@ -115,7 +117,7 @@ class ShuffleNetV2(CifarModel):
     def __init__(self, num_classes: int = 100, net_size: float = 1.0) -> None:
         super().__init__()
         if float(net_size) not in SHUFFLENETV2_CONFIGS:
-            raise ValueError(f"ShuffleNetV2 net_size must be one of {sorted(SHUFFLENETV2_CONFIGS)}; got {net_size}")
+            raise KDConfigError(f"ShuffleNetV2 net_size must be one of {sorted(SHUFFLENETV2_CONFIGS)}; got {net_size}")
         out_channels, num_blocks = SHUFFLENETV2_CONFIGS[float(net_size)]
         self.net_size = net_size
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)

@@ -16,6 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 from ._base import CifarModel
 
 __all__ = ["VGG", "VGG8", "VGG11", "VGG13", "VGG16", "VGG19", "VGG_CONFIGS"]
@@ -61,7 +63,7 @@ class VGG(CifarModel):
         super().__init__()
         groups = VGG_CONFIGS[cfg] if isinstance(cfg, str) else tuple(tuple(int(w) for w in g) for g in cfg)
         if len(groups) != 5 or not all(groups):
-            raise ValueError(f"VGG cfg must have 5 non-empty groups of conv widths; got {cfg!r}")
+            raise KDConfigError(f"VGG cfg must have 5 non-empty groups of conv widths; got {cfg!r}")
         self.cfg = groups
         ins = (3, *(g[-1] for g in groups[:-1]))
         self.block0 = _make_group(groups[0], batch_norm, ins[0])

@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.errors import KDConfigError
+
 from ._base import CifarModel
 
 __all__ = ["WRN16_1", "WRN16_2", "WRN40_1", "WRN40_2", "WideBasicBlock", "WideResNet"]
@@ -79,7 +81,7 @@ class WideResNet(CifarModel):
     def __init__(self, depth: int = 16, widen_factor: int = 1, num_classes: int = 100, drop_rate: float = 0.0) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
-            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (16, 28, 40, ...); got {depth}")
+            raise KDConfigError(f"WideResNet depth must be 6n+4 with n >= 1 (16, 28, 40, ...); got {depth}")
         n = (depth - 4) // 6
         ch = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.depth = depth

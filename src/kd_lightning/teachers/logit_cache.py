@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.fingerprint import json_digest, module_digest
+from kd_lightning.errors import KDConfigError
+from kd_lightning.utils.fingerprint import json_digest, module_digest
 
 __all__ = ["CACHE_FORMAT_VERSION", "ViewLogitStore", "cache_key", "teacher_digest"]
 
@@ -74,7 +75,7 @@ class ViewLogitStore:
         self.filled = np.load(self.folder / self.FILLED, mmap_mode=mode)
         self.meta = json.loads((self.folder / self.META).read_text())
         if self.logits.dtype != np.float16 or self.logits.shape[:2] != self.filled.shape:
-            raise ValueError(
+            raise KDConfigError(
                 f"teacher-logit cache {self.folder} is inconsistent: logits {self.logits.dtype} "
                 f"{self.logits.shape}, filled {self.filled.shape}. Delete the folder to rebuild it."
             )
@@ -116,7 +117,7 @@ class ViewLogitStore:
         store = cls(folder)
         expected = (num_samples, num_views, num_classes)
         if tuple(store.logits.shape) != expected:
-            raise ValueError(
+            raise KDConfigError(
                 f"teacher-logit cache {folder} has shape {tuple(store.logits.shape)}, expected {expected}; "
                 "delete the folder to rebuild it."
             )

@@ -1,4 +1,4 @@
-"""Language-model bases: :class:`LMDistillationModule` (teacher → student) and :class:`LMSupervised` (one LM).
+"""Language-model task sibling: :class:`LanguageModelDistillation` (teacher → student) and :class:`LMSupervised`.
 
 Both train causal LMs on the dict batches of :class:`~kd_lightning.data.text.TextDataModule`::
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +43,12 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
 from kd_lightning.losses.divergences import forward_kl
 from kd_lightning.losses.lm import align_vocab, normalize_token_sum, shift_for_next_token
-from kd_lightning.methods.base import ClassificationModule, DistillationModule, _describe
+from kd_lightning.methods.core import DistillationModule, describe
 
 __all__ = [
     "ExpMeanMetric",
-    "LMDistillationModule",
     "LMSupervised",
+    "LanguageModelDistillation",
     "lm_batch",
     "masked_token_cross_entropy",
     "prompt_lengths",
@@ -144,7 +144,7 @@ def sample_continuations(
     """
     if not hasattr(model, "generate"):
         raise KDConfigError(
-            f"{_describe(model)} has no generate(input_ids, ..., max_new_tokens=...): on-policy methods sample "
+            f"{describe(model)} has no generate(input_ids, ..., max_new_tokens=...): on-policy methods sample "
             "with it (TinyGPT and HFCausalLM have one)."
         )
     batch = input_ids.shape[0]
@@ -216,31 +216,68 @@ def sampled_token_reverse_kl(
     return -(reward * log_q_y * weights).sum(), (reward * weights).sum()
 
 
-# ---------------------------------------------------------------------------------------------- shared steps
-class _LanguageModelSteps:
-    """Setup, token-normalised training step and evaluation shared by the LM modules (a mixin)."""
+# ---------------------------------------------------------------------------------------------- task sibling
+class LanguageModelDistillation(DistillationModule):
+    """Language modelling: a causal-LM student learns from frozen LM teacher(s) (see the module docstring).
 
-    #: Whether evaluation also runs a teacher (distillation) — set by the subclasses.
-    _with_teacher: bool = False
+    Subclasses implement :meth:`distillation_sums` (token losses summed over the valid tokens, from aligned
+    student/teacher logits already shifted to the next-token convention) or, when they build their own
+    sequences (on-policy sampling), :meth:`token_loss_sums`.
+
+    Args:
+        student: causal LM to train (``forward(input_ids, attention_mask) -> logits [B, T, V]``; the chunked and
+            on-policy paths also use ``hidden_states``, ``lm_head`` and ``generate``).
+        teacher: causal LM to learn from (frozen, eval mode, run under ``no_grad``).
+        num_classes: the tokenizer's vocabulary size; ``None`` takes the data module's.
+        fidelity: also measure the teacher's perplexity/accuracy, agreement and KL(p_T ‖ p_S) on evaluation data.
+        tokenizer_ids_match: whether student and teacher share the token ids when their vocabulary sizes
+            differ: ``True`` slices the padding rows (same family, e.g. 151936 vs 152064), ``False`` is an
+            error (different tokenizers); ``None`` lets :func:`~kd_lightning.losses.lm.align_vocab` decide.
+        **kwargs: the core's arguments (``teachers``, ``teacher_ckpt``, ``optimizer``, ...).
+    """
+
+    teacher_training_module: ClassVar[type[DistillationModule] | None] = None  # LMSupervised, set below
     _warned_no_group_count: bool = False
 
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        num_classes: int | None = None,
+        fidelity: bool = True,
+        tokenizer_ids_match: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(student=student, teacher=teacher, **kwargs)
+        if num_classes is not None and num_classes < 1:
+            raise KDConfigError("num_classes", f"must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.fidelity = fidelity and bool(len(self.teachers))
+        self.tokenizer_ids_match = tokenizer_ids_match
+        self.metrics = nn.ModuleDict()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.network(input_ids, attention_mask=attention_mask)
+        return self.student(input_ids, attention_mask=attention_mask)
 
     @staticmethod
     def unpack(batch: Any) -> tuple[Tensor, Tensor]:
         input_ids, _, labels = lm_batch(batch)
         return input_ids, labels
 
+    def inputs_of(self, batch: Any) -> Any:
+        return lm_batch(batch)[0]
+
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         input_ids, attention_mask, _ = lm_batch(batch)
         return self(input_ids, attention_mask)
 
-    # ------------------------------------------------------------------ setup
-    def setup(self, stage: str) -> None:
+    def networks_to_check(self) -> dict[str, nn.Module]:
+        return {"student": self.student, **self.teacher_fields()}
+
+    # ------------------------------------------------------------------ checks
+    def check_data(self, datamodule: Any) -> None:
         trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is not None:
+        if datamodule is not None and trainer is not None:
             datamodule.accumulate_grad_batches = int(trainer.accumulate_grad_batches)
         data_name = type(datamodule).__name__ if datamodule is not None else "the data"
         data_vocab = getattr(datamodule, "vocab_size", None) or getattr(datamodule, "num_classes", None)
@@ -248,12 +285,13 @@ class _LanguageModelSteps:
             self.num_classes = data_vocab
         elif data_vocab is not None and int(data_vocab) != int(self.num_classes):
             raise KDConfigError(
-                f"model.init_args.num_classes={self.num_classes} but the tokenizer of {data_name} has "
-                f"{data_vocab} ids: set num_classes to {data_vocab} (or leave it empty to take the data's)."
+                "model.init_args.num_classes",
+                f"is {self.num_classes} but the tokenizer of {data_name} has {data_vocab} ids",
+                f"set num_classes to {data_vocab} (or leave it empty to take the data's)",
             )
         self.check_vocabularies(data_name)
         if not self.metrics:
-            self._build_metrics()
+            self.build_metrics()
 
     def probe_vocab(self, field: str, module: nn.Module) -> int:
         """Run ``module`` once on two tokens and return the size of its output vocabulary."""
@@ -266,39 +304,74 @@ class _LanguageModelSteps:
                 out = module(probe, attention_mask=torch.ones_like(probe, dtype=torch.bool))
         except Exception as err:
             raise KDConfigError(
-                f"model.init_args.{field} ({_describe(module)}) fails on token ids of shape (1, 2): "
-                f"{type(err).__name__}: {err}. It must be a causal LM: forward(input_ids, attention_mask) -> logits."
+                f"model.init_args.{field}",
+                f"{describe(module)} fails on token ids of shape (1, 2) ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]})",
+                "it must be a causal LM: forward(input_ids, attention_mask) -> logits",
             ) from None
         finally:
             module.train(was_training)
         if not isinstance(out, Tensor) or out.dim() != 3:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise KDConfigError(
-                f"model.init_args.{field} ({_describe(module)}) must return logits [batch, tokens, vocab], got "
-                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}."
+                f"model.init_args.{field}", f"{describe(module)} must return logits [batch, tokens, vocab], got {got}"
             )
         vocab = vocab_of(out)
         if self.num_classes is not None and vocab < int(self.num_classes):
             raise KDConfigError(
-                f"model.init_args.{field} ({_describe(module)}) predicts {vocab} tokens but the tokenizer has "
-                f"{self.num_classes} ids: build it with vocab_size={self.num_classes} (or larger)."
+                f"model.init_args.{field}",
+                f"{describe(module)} predicts {vocab} tokens but the tokenizer has {self.num_classes} ids",
+                f"build it with vocab_size={self.num_classes} (or larger)",
             )
         return vocab
 
     def check_vocabularies(self, data_name: str) -> None:
-        for field, module in self.networks_to_check().items():
-            vocab = self.probe_vocab(field, module)
-            if self.num_classes is None:
-                self.num_classes = vocab
+        sizes = {field: self.probe_vocab(field, module) for field, module in self.networks_to_check().items()}
+        if self.num_classes is None:
+            self.num_classes = min(sizes.values())
+        student = sizes["student"]
+        for field, size in sizes.items():
+            if field == "student" or size == student:
+                continue
+            try:
+                self.align(torch.zeros(1, student, device=self.device), torch.zeros(1, size, device=self.device))
+            except KDConfigError as err:
+                raise KDConfigError(f"model.init_args.student/{field}", str(err)) from None
+
+    def align(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Student and teacher logits over one vocabulary (:func:`~kd_lightning.losses.lm.align_vocab`)."""
+        if student_logits.shape[-1] == teacher_logits.shape[-1]:
+            return student_logits, teacher_logits
+        return align_vocab(
+            student_logits,
+            teacher_logits,
+            tokenizer_ids_match=self.tokenizer_ids_match,
+            tokenizer_size=self.num_classes,
+        )
+
+    # ------------------------------------------------------------------ forward passes
+    def lm_teacher_logits(self, input_ids: Tensor, attention_mask: Tensor | None, name: str | None = None) -> Tensor:
+        """Teacher logits ``[B, T, V]`` without autograd, under ``teacher_precision``'s autocast."""
+        return self.run_teacher(input_ids, attention_mask=attention_mask, name=name)
 
     # ------------------------------------------------------------------ training
     def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         """``({"loss": Σ_tokens total, **Σ_tokens parts}, number of valid tokens)`` for a micro-batch."""
-        raise NotImplementedError
+        input_ids, attention_mask, labels = lm_batch(batch)
+        student = self.student(input_ids, attention_mask=attention_mask)
+        teacher = self.lm_teacher_logits(input_ids, attention_mask)
+        student, teacher = self.align(student, teacher)
+        s, y, mask = shift_for_next_token(student, labels)
+        return self.distillation_sums(s, teacher[:, :-1], y, mask), mask.sum()
 
-    def training_loss(self, batch: Any) -> tuple[dict[str, Tensor], None]:
+    def distillation_sums(self, student: Tensor, teacher: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """``{"loss": Σ total, **Σ parts}`` over the tokens of ``mask`` (logits ``[B, T−1, V]``, aligned)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither distillation_sums nor token_loss_sums.")
+
+    def training_loss(self, batch: Any) -> dict[str, Tensor]:
         """Per-token means of the micro-batch (the step itself uses :meth:`token_loss_sums`)."""
         sums, count = self.token_loss_sums(batch)
-        return {k: v / count.clamp_min(1) for k, v in sums.items()}, None
+        return {k: v / count.clamp_min(1) for k, v in sums.items()}
 
     def group_token_count(self, batch: Any, num_tokens: Tensor) -> Tensor | None:
         """The normaliser of this micro-batch's loss sum: valid tokens of its accumulation group (this rank).
@@ -331,17 +404,24 @@ class _LanguageModelSteps:
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         sums, num_tokens = self.token_loss_sums(batch)
+        self.check_finite(sums, batch, batch_idx)
         count = num_tokens.clamp_min(1)
-        self.log_parts("train", {k: v.detach() / count for k, v in sums.items()}, batch_size=int(count))
+        self.log_terms("train", {k: v.detach() / count for k, v in sums.items()}, batch_size=int(count))
+        for loss in self.scheduled_losses():
+            for name, value in loss.schedule_stats().items():
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
         return self.normalize_loss(sums["loss"], self.group_token_count(batch, num_tokens), num_tokens)
 
+    def batch_size_of(self, batch: Any) -> int:
+        return int(lm_batch(batch)[0].shape[0])
+
     # ------------------------------------------------------------------ evaluation
-    def _build_metrics(self) -> None:
+    def build_metrics(self) -> None:
         for stage in ("val", "test"):
             self.metrics[f"{stage}_loss"] = MeanMetric()
             self.metrics[f"{stage}_ppl"] = ExpMeanMetric()
             self.metrics[f"{stage}_acc"] = MeanMetric()
-            if self._with_teacher and getattr(self, "fidelity", False):
+            if self.fidelity:
                 self.metrics[f"{stage}_teacher_ppl"] = ExpMeanMetric()
                 self.metrics[f"{stage}_teacher_acc"] = MeanMetric()
                 self.metrics[f"{stage}_agreement"] = MeanMetric()
@@ -352,9 +432,9 @@ class _LanguageModelSteps:
         metric.update(values.float())
         self.log(f"{stage}/{name}", metric, batch_size=num_tokens, prog_bar=prog_bar)
 
-    def _eval_step(self, batch: Any, stage: str) -> None:
+    def evaluate(self, batch: Any, batch_idx: int, stage: str) -> None:
         input_ids, attention_mask, labels = lm_batch(batch)
-        logits = self.network(input_ids, attention_mask=attention_mask)
+        logits = self.student(input_ids, attention_mask=attention_mask)
         s, y, mask = shift_for_next_token(logits, labels)
         if not bool(mask.any()):
             return
@@ -363,48 +443,64 @@ class _LanguageModelSteps:
         self._update(stage, "loss", ce, n)
         self._update(stage, "ppl", ce, n, prog_bar=True)
         self._update(stage, "acc", (s.argmax(-1) == y)[mask], n, prog_bar=True)
-        self.eval_with_teacher_lm(input_ids, attention_mask, s, y, mask, stage)
+        if self.fidelity:
+            self.eval_with_teacher_lm(input_ids, attention_mask, s, y, mask, stage)
 
     def eval_with_teacher_lm(
         self, input_ids: Tensor, attention_mask: Tensor | None, s: Tensor, y: Tensor, mask: Tensor, stage: str
     ) -> None:
-        """Evaluation that needs the teacher (distillation); nothing for a single LM."""
+        """Teacher perplexity/accuracy, agreement and KL(p_T ‖ p_S) over the valid tokens."""
+        teacher = self.lm_teacher_logits(input_ids, attention_mask)[:, :-1]
+        n = int(mask.sum())
+        self._update(stage, "teacher_ppl", masked_token_cross_entropy(teacher, y, mask)[mask], n)
+        self._update(stage, "teacher_acc", (teacher.argmax(-1) == y)[mask], n)
+        s_aligned, t_aligned = self.align(s, teacher)
+        self._update(stage, "agreement", (s_aligned.argmax(-1) == t_aligned.argmax(-1))[mask], n)
+        self._update(stage, "kl_to_teacher", forward_kl(s_aligned, t_aligned, reduction="none")[mask], n)
+
+    def export_metadata(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes}
 
 
-# ---------------------------------------------------------------------------------------------- modules
-class LMSupervised(_LanguageModelSteps, ClassificationModule):
+class LMSupervised(LanguageModelDistillation):
     """Next-token cross-entropy training of one causal LM: LM teachers and the student-alone baseline.
 
     ``L = Σ_{valid tokens t} CE(z_t, y_{t+1}) / N_valid`` with ``N_valid`` counted over the whole
     gradient-accumulation group and every DDP rank (global token normalisation), optional label
-    smoothing ε. Validation: ``val/loss``, ``val/ppl``, ``val/acc`` (token top-1).
+    smoothing ε. Validation: ``val/loss``, ``val/ppl``, ``val/acc`` (token top-1). ``kd fit`` trains
+    missing LM teachers with it.
 
     Args:
         model: the causal LM (``forward(input_ids, attention_mask) -> logits [B, T, V]``).
         label_smoothing: ε in [0, 1).
         **kwargs: ``optimizer``, ``lr_scheduler``, ``num_classes`` (the tokenizer's vocabulary size; the
-            data's by default) and the other arguments of :class:`~kd_lightning.methods.base.ClassificationModule`.
+            data's by default) and the other arguments of :class:`LanguageModelDistillation`.
     """
 
+    requires_teacher: ClassVar[bool] = False
+
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(student=model, **kwargs)
         if not 0.0 <= label_smoothing < 1.0:
-            raise KDConfigError(f"model.init_args.label_smoothing must be in [0, 1), got {label_smoothing}.")
-        if not isinstance(model, nn.Module):
-            raise KDConfigError(f"model.init_args.model must be a torch.nn.Module, got {type(model).__name__}.")
-        self.model = model
+            raise KDConfigError("label_smoothing", f"must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
     @property
-    def network(self) -> nn.Module:
-        return self.model
+    def model(self) -> nn.Module:
+        """The trained network (stored as ``student``)."""
+        return self.student
 
     def networks_to_check(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
+        return {"model": self.student}
+
+    def check_vocabularies(self, data_name: str) -> None:
+        vocab = self.probe_vocab("model", self.student)
+        if self.num_classes is None:
+            self.num_classes = vocab
 
     def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         input_ids, attention_mask, labels = lm_batch(batch)
-        logits = self.model(input_ids, attention_mask=attention_mask)
+        logits = self.student(input_ids, attention_mask=attention_mask)
         s, y, mask = shift_for_next_token(logits, labels)
         flat = upcast(s).reshape(-1, s.shape[-1])
         ce = F.cross_entropy(
@@ -414,102 +510,4 @@ class LMSupervised(_LanguageModelSteps, ClassificationModule):
         return {"loss": total, "ce": total.detach()}, mask.sum()
 
 
-class LMDistillationModule(_LanguageModelSteps, DistillationModule):
-    """Base of the language-model distillation methods: a causal-LM student learns from a frozen LM teacher.
-
-    Subclasses implement :meth:`distillation_sums` (token losses summed over the valid tokens, from
-    aligned student/teacher logits already shifted to the next-token convention) or, when they build
-    their own sequences (on-policy sampling), :meth:`token_loss_sums`. See the module docstring for the
-    normalisation, the evaluation metrics and the vocabulary checks.
-
-    Args:
-        student: causal LM to train (``forward(input_ids, attention_mask) -> logits [B, T, V]``; the
-            chunked and on-policy paths also use ``hidden_states``, ``lm_head`` and ``generate``).
-        teacher: causal LM to learn from (frozen, eval mode, run under ``no_grad``).
-        tokenizer_ids_match: whether student and teacher share the token ids when their vocabulary sizes
-            differ: ``True`` slices the padding rows (same family, e.g. 151936 vs 152064), ``False`` is an
-            error (different tokenizers); ``None`` lets :func:`~kd_lightning.losses.lm.align_vocab` decide.
-        **kwargs: ``teacher_ckpt``, ``fidelity`` (the teacher metrics), ``optimizer``, ``lr_scheduler``,
-            ``num_classes`` (tokenizer vocabulary) of :class:`~kd_lightning.methods.base.DistillationModule`.
-    """
-
-    _with_teacher = True
-    #: The image teacher-logit cache (``TeacherLogitCache``) does not apply: LM methods read the offline
-    #: top-k store of ``kd lm-teacher-logits`` instead (``LMDistill(teacher_logits_path=...)``).
-    uses_teacher_logits_only = False
-    #: The module ``kd fit`` should train a missing teacher with (next-token cross-entropy, not image
-    #: classification); read by the CLI's teacher lifecycle once it supports it.
-    teacher_training_module: type[ClassificationModule] = LMSupervised
-
-    def __init__(
-        self, student: nn.Module, teacher: nn.Module, tokenizer_ids_match: bool | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(student, teacher, **kwargs)
-        self.tokenizer_ids_match = tokenizer_ids_match
-
-    # ------------------------------------------------------------------ checks
-    def setup(self, stage: str) -> None:
-        super().setup(stage)  # the LM checks (not the image probe of DistillationModule.setup)
-        for name in ("student", "teacher"):  # DistillationModule's compile switches, on the checked networks
-            module = getattr(self, name)
-            if getattr(self, f"compile_{name}", False) and getattr(module, "_compiled_call_impl", None) is None:
-                module.compile(**getattr(self, "compile_options", {}))
-
-    def check_vocabularies(self, data_name: str) -> None:
-        sizes = {field: self.probe_vocab(field, module) for field, module in self.networks_to_check().items()}
-        if self.num_classes is None:
-            self.num_classes = min(sizes.values())
-        if sizes["student"] != sizes["teacher"]:
-            dummy_s = torch.zeros(1, sizes["student"], device=self.device)
-            dummy_t = torch.zeros(1, sizes["teacher"], device=self.device)
-            try:
-                self.align(dummy_s, dummy_t)
-            except KDConfigError as err:
-                raise KDConfigError(f"model.init_args.student/teacher: {err}") from None
-
-    def align(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Student and teacher logits over one vocabulary (:func:`~kd_lightning.losses.lm.align_vocab`)."""
-        if student_logits.shape[-1] == teacher_logits.shape[-1]:
-            return student_logits, teacher_logits
-        return align_vocab(
-            student_logits,
-            teacher_logits,
-            tokenizer_ids_match=self.tokenizer_ids_match,
-            tokenizer_size=self.num_classes,
-        )
-
-    # ------------------------------------------------------------------ forward passes
-    def lm_teacher_logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """Teacher logits ``[B, T, V]`` without autograd, under ``torch.autocast`` when ``teacher_precision`` is set."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(self, "teacher_precision", None) or "")
-        with torch.no_grad():
-            if dtype is None:
-                return self.teacher(input_ids, attention_mask=attention_mask)
-            with torch.autocast(device_type=input_ids.device.type, dtype=dtype):
-                return self.teacher(input_ids, attention_mask=attention_mask).float()
-
-    def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
-        input_ids, attention_mask, labels = lm_batch(batch)
-        student = self.student(input_ids, attention_mask=attention_mask)
-        teacher = self.lm_teacher_logits(input_ids, attention_mask)
-        student, teacher = self.align(student, teacher)
-        s, y, mask = shift_for_next_token(student, labels)
-        return self.distillation_sums(s, teacher[:, :-1], y, mask), mask.sum()
-
-    def distillation_sums(self, student: Tensor, teacher: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """``{"loss": Σ total, **Σ parts}`` over the tokens of ``mask`` (logits ``[B, T−1, V]``, aligned)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither distillation_sums nor token_loss_sums.")
-
-    # ------------------------------------------------------------------ evaluation
-    def eval_with_teacher_lm(
-        self, input_ids: Tensor, attention_mask: Tensor | None, s: Tensor, y: Tensor, mask: Tensor, stage: str
-    ) -> None:
-        if not self.fidelity:
-            return
-        teacher = self.lm_teacher_logits(input_ids, attention_mask)[:, :-1]
-        n = int(mask.sum())
-        self._update(stage, "teacher_ppl", masked_token_cross_entropy(teacher, y, mask)[mask], n)
-        self._update(stage, "teacher_acc", (teacher.argmax(-1) == y)[mask], n)
-        s_aligned, t_aligned = self.align(s, teacher)
-        self._update(stage, "agreement", (s_aligned.argmax(-1) == t_aligned.argmax(-1))[mask], n)
-        self._update(stage, "kl_to_teacher", forward_kl(s_aligned, t_aligned, reduction="none")[mask], n)
+LanguageModelDistillation.teacher_training_module = LMSupervised

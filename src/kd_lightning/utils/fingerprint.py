@@ -1,8 +1,8 @@
 """Stable content hashes shared by every cache: JSON payloads, tensors and whole modules.
 
 A cache is valid only for the exact weights and data it was written for; these digests are its keys
-(teacher checkpoints in :mod:`kd_lightning.teacher_cache`, per-view teacher logits in
-:mod:`kd_lightning.teacher_logit_cache`, stored top-k LM logits in :mod:`kd_lightning.data.teacher_logits`).
+(teacher checkpoints in :mod:`kd_lightning.teachers.training`, per-view teacher logits in
+:mod:`kd_lightning.teachers.logit_cache`, stored top-k LM logits in :mod:`kd_lightning.data.teacher_logits`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kd_lightning.errors import KDConfigError
+
 __all__ = ["build_model", "format_table", "main", "model_stats", "parse_model_spec", "resolve_class"]
 
 _SEARCH_MODULES = ("kd_lightning.models", "kd_lightning.models.radioml")
@@ -46,7 +48,7 @@ def resolve_class(name: str) -> type[nn.Module]:
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"model {name!r}: cannot import it ({err}).") from None
+            raise KDConfigError(f"model {name!r}: cannot import it ({err}).") from None
     else:
         cls = None
         for module_name in _SEARCH_MODULES:
@@ -54,11 +56,11 @@ def resolve_class(name: str) -> type[nn.Module]:
             if cls is not None:
                 break
         if cls is None:
-            raise ValueError(
+            raise KDConfigError(
                 f"model {name!r} is not in {' or '.join(_SEARCH_MODULES)}: give a dotted path (package.module.Class)."
             )
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"model {name!r} is not a torch.nn.Module class.")
+        raise KDConfigError(f"model {name!r} is not a torch.nn.Module class.")
     return cls
 
 
@@ -67,15 +69,15 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name, brace, rest = spec.partition("{")
     name = name.strip()
     if not name:
-        raise ValueError(f"model spec {spec!r} has no class name.")
+        raise KDConfigError(f"model spec {spec!r} has no class name.")
     if not brace:
         return name, {}
     try:
         init_args = json.loads(brace + rest)
     except json.JSONDecodeError as err:
-        raise ValueError(f"model spec {spec!r}: the init arguments are not a JSON object ({err}).") from None
+        raise KDConfigError(f"model spec {spec!r}: the init arguments are not a JSON object ({err}).") from None
     if not isinstance(init_args, dict):
-        raise ValueError(f"model spec {spec!r}: the init arguments must be a JSON object.")
+        raise KDConfigError(f"model spec {spec!r}: the init arguments must be a JSON object.")
     return name, init_args
 
 

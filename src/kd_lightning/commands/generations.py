@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from kd_lightning.cli import run
 from kd_lightning.losses.self_distill import optimal_alpha
-from kd_lightning.teachers import load_weights
+from kd_lightning.methods.self_distill import GTSelfDistill
+from kd_lightning.models.checkpoints import load_weights
 
 __all__ = ["held_out_predictions", "main", "parse_alpha"]
 
@@ -111,8 +113,6 @@ def _run(
     teacher_ckpt: str | None,
 ) -> dict[str, Any]:
     """One ``kd fit`` of the config at ground-truth weight ``alpha``; returns its record and held-out predictions."""
-    from kd_lightning.cli import run
-    from kd_lightning.methods.self_distill import GTSelfDistill
 
     run_dir = out / tag
     ground_truth_only = teacher_ckpt is None
@@ -124,8 +124,8 @@ def _run(
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.init_args.save_dir={out}",
         f"--trainer.logger.init_args.name={tag}",
-        "--test_after_fit=true",
         *overrides,
+        "--test_after_fit=true",  # the table reports test accuracy
         f"--model.init_args.alpha={alpha}",
         f"--model.init_args.teacher_ckpt={teacher_ckpt if teacher_ckpt else 'null'}",
     ]
@@ -142,7 +142,7 @@ def _run(
     callback = cli.trainer.checkpoint_callback
     best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
     if best:
-        load_weights(model.student, best, field=f"{tag} best checkpoint")
+        load_weights(model.student, best, field=f"{tag} best checkpoint", key="student")
     student_path = model.export_student(run_dir / "student.pt")
     datamodule = cli.datamodule
     probs, targets = held_out_predictions(model.student, datamodule.val_dataloader())
