@@ -20,6 +20,7 @@ in-process (tests, notebooks).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import pickle
@@ -33,6 +34,7 @@ import lightning as L
 from jsonargparse import ArgumentParser, namespace_to_dict
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 # Imported so that short class names (``class_path: PLD``, ``ResNet8x4``, ``DigitsDataModule``) resolve.
@@ -40,6 +42,7 @@ import kd_lightning.callbacks
 import kd_lightning.data
 import kd_lightning.methods
 import kd_lightning.models  # noqa: F401
+from kd_lightning.callbacks.progress import EpochSummary, quiet_lightning, summaries
 from kd_lightning.errors import (
     DatasetChecksumError,
     DatasetNotFoundError,
@@ -51,6 +54,7 @@ from kd_lightning.errors import (
 )
 from kd_lightning.methods.core import DistillationModule, config_managed
 from kd_lightning.models.checkpoints import TRUST_HELP, check_checkpoint_exists, read_checkpoint, trusted_checkpoints
+from kd_lightning.teachers.alone import TRAINER_BUDGET_KEYS, StudentAlone
 from kd_lightning.teachers.fingerprint import data_fingerprint_config, fingerprint, resolved
 from kd_lightning.teachers.training import TeacherTraining
 
@@ -85,14 +89,15 @@ class KDCLI(LightningCLI):
         parser_kwargs.setdefault("exit_on_error", False)
         for subcommand in SUBCOMMANDS:
             parser_kwargs.setdefault(subcommand, {}).setdefault("exit_on_error", False)
-        super().__init__(
-            DistillationModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_kwargs=parser_kwargs,
-            **kwargs,
-        )
+        with quiet_lightning():  # no "GPU available", "💡 Tip", "Seed set" lines (once per Trainer otherwise)
+            super().__init__(
+                DistillationModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                parser_kwargs=parser_kwargs,
+                **kwargs,
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(TeacherTraining, "teacher_training")
@@ -103,6 +108,14 @@ class KDCLI(LightningCLI):
             help="After fit, evaluate the best checkpoint (or the last weights) on the validation and test splits.",
         )
         parser.add_argument("--trust_checkpoint", type=bool, default=False, help=TRUST_HELP)
+        parser.add_argument(
+            "--compare_student_alone",
+            type=bool,
+            default=False,
+            help="After fit, also train the student's network alone (the method's supervised task, same initial "
+            "weights, optimizer, scheduler, Trainer budget, seed and data; best-validation checkpoint; cached under "
+            "teacher_training.cache_dir) and print both results side by side (results: alone/val/..., alone/test/...).",
+        )
 
     # ------------------------------------------------------------------ parsing and early checks
     def _subconfig(self) -> Any:
@@ -130,6 +143,10 @@ class KDCLI(LightningCLI):
                 raise KDConfigError("trainer.max_epochs", f"must be >= 1 to train, got {max_epochs}")
             if trainer.get("max_steps") == 0:
                 raise KDConfigError("trainer.max_steps", "is 0: nothing would be trained", "set it >= 1 or -1")
+            if trainer.get("limit_train_batches") in (0, 0.0):
+                raise KDConfigError(
+                    "trainer.limit_train_batches", "is 0: nothing would be trained", "set it > 0 (1.0: every batch)"
+                )
             if ckpt_path:
                 self._resume_in_place(config, Path(ckpt_path))
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path:
@@ -154,6 +171,28 @@ class KDCLI(LightningCLI):
         if match and init_args is not None and "version" in init_args and init_args.get("version") is None:
             init_args["version"] = int(match.group(1))
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer; a setting Lightning rejects (an accelerator this machine lacks) names its ``trainer.*``."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except USER_ERRORS:
+            raise
+        except Exception as err:
+            raise trainer_problem(err) or KDConfigError("trainer", one_line(str(err), 300)) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; Lightning's own argument errors at run time (a ``val_check_interval`` longer than
+        the epoch) name their ``trainer.*`` field."""
+        try:
+            super()._run_subcommand(subcommand)
+        except USER_ERRORS:
+            raise
+        except (ValueError, MisconfigurationException) as err:
+            problem = trainer_problem(err)
+            if problem is None:
+                raise
+            raise problem from None
+
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a configuration error raised in a constructor surfaces as itself."""
         last_config_error(reset=True)
@@ -170,6 +209,8 @@ class KDCLI(LightningCLI):
 
     # ------------------------------------------------------------------ teacher lifecycle
     def before_fit(self) -> None:
+        compare = self._subconfig().get("compare_student_alone") and isinstance(self.model, DistillationModule)
+        self._initial_student = copy.deepcopy(self.model.student) if compare else None  # the weights it starts from
         with trusted_checkpoints(bool(self._subconfig().get("trust_checkpoint"))):
             self._prepare_teachers()
         self.fit_started = time.perf_counter()
@@ -194,6 +235,9 @@ class KDCLI(LightningCLI):
                 "the teacher is used as constructed (e.g. pretrained weights)."
             )
             return
+        if getattr(self.datamodule, "num_classes", None) is not None:
+            # Class counts, input shapes, vocabularies: checked now, not after the teacher's training.
+            model.check_data(self.datamodule)
         init_args = config["model"]["init_args"]
         data_config = data_fingerprint_config(config["data"])
         data_config["identity"] = self.datamodule.data_identity() if hasattr(self.datamodule, "data_identity") else {}
@@ -227,10 +271,13 @@ class KDCLI(LightningCLI):
                 description=description,
                 progress_bar=trainer_config.get("enable_progress_bar"),
                 field=field,
+                callbacks=[EpochSummary(prefix="teacher")] if summaries(self.trainer.callbacks) else [],
             )
             model.set_teacher_checkpoint(name, path)
             verb = "trained and cached" if trained_now else "reused cached"
-            rank_zero_only(print)(f"kd: {verb} teacher {path}", flush=True)
+            # Several processes (DDP): each says what it did, so "trained once, reused by the others" is visible.
+            rank = f"[rank {self.trainer.global_rank}] " if self.trainer.world_size > 1 else ""
+            print(f"kd: {rank}{verb} teacher {path}", flush=True)
 
     # ------------------------------------------------------------------ results
     def after_fit(self) -> None:
@@ -254,8 +301,59 @@ class KDCLI(LightningCLI):
                     )
             # Keep the plain names of the test metrics too (benchmarks read them).
             results.update({k[len("best/") :]: v for k, v in list(results.items()) if k.startswith("best/test/")})
+        if getattr(self, "_initial_student", None) is not None:
+            results.update(self._compare_student_alone())
         self.results = results
         self._print_summary(results, self.trainer.log_dir)  # log_dir is a collective: every rank calls it
+
+    def _compare_student_alone(self) -> dict[str, float]:
+        """``alone/...`` metrics of the student's network trained alone (cached: :mod:`kd_lightning.teachers.alone`)."""
+        model, trainer, config = self.model, self.trainer, self._subconfig()
+        if trainer.world_size > 1 or not len(model.teachers):
+            why = "runs on one device only" if trainer.world_size > 1 else "needs a distillation run (a teacher)"
+            rank_zero_only(print)(f"kd: compare_student_alone skipped: it {why}.", flush=True)
+            return {}
+        callback = trainer.checkpoint_callback
+        monitor = callback.monitor if isinstance(callback, ModelCheckpoint) else None
+        mode = callback.mode if isinstance(callback, ModelCheckpoint) else "max"
+        budget = {k: v for k, v in resolved(config["trainer"]).items() if k in TRAINER_BUDGET_KEYS}
+        data_config = data_fingerprint_config(config["data"])
+        data_config["init_args"]["meta_split"] = (resolved(config["data"]).get("init_args") or {}).get("meta_split")
+        data_config["identity"] = self.datamodule.data_identity() if hasattr(self.datamodule, "data_identity") else {}
+        init_args = config["model"]["init_args"]
+        seed = config.get("seed_everything")
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+        description = {
+            "student": resolved(init_args["student"]),
+            "task": getattr(type(model).teacher_training_module, "__name__", None),
+            "data": data_config,
+            "recipe": {
+                "optimizer": resolved(init_args.get("optimizer")),
+                "lr_scheduler": resolved(init_args.get("lr_scheduler")),
+                "lr_scheduler_interval": model.lr_scheduler_interval,
+                "trainer": budget,
+                "monitor": monitor,
+                "mode": mode,
+                "seed": seed,
+            },
+        }
+        settings: TeacherTraining = self.config_init[self.subcommand]["teacher_training"]
+        metrics, path, trained_now = StudentAlone(settings.cache_dir, settings.wait_seconds).ensure(
+            model,
+            self._initial_student,
+            self.datamodule,
+            fingerprint(description),
+            {**budget, "enable_progress_bar": resolved(config["trainer"]).get("enable_progress_bar")},
+            seed=seed,
+            monitor=monitor,
+            mode=mode,
+            test=_has_split(self.datamodule, "test"),
+            callbacks=[EpochSummary(prefix="alone")] if summaries(trainer.callbacks) else [],
+            description=description,
+        )
+        verb = "trained and cached" if trained_now else "reused cached"
+        rank_zero_only(print)(f"kd: {verb} student alone {path}", flush=True)
+        return {f"alone/{k}": v for k, v in metrics.items()}
 
     def _best_checkpoint(self) -> str | None:
         callback = self.trainer.checkpoint_callback
@@ -281,13 +379,17 @@ class KDCLI(LightningCLI):
         lines.append(f"  {role} {network}, last epoch ({epochs - 1}): " + _metric_line(results, "val/", primary, "val"))
         if role == "student":
             prefix = "best/" if "best/val/teacher_acc" in results else ""
-            teacher = f"  teacher {type(model.teacher).__name__}: "
+            names = [f"{n} {type(t).__name__}" for n, t in model.teachers.items()]
+            label = f"teacher {type(model.teacher).__name__}" if len(names) == 1 else f"teachers {', '.join(names)}"
+            teacher = f"  {label}: "
             teacher += _metric_line(results, f"{prefix}val/teacher_", "acc", "val")
             if f"{prefix}test/teacher_acc" in results:
                 teacher += ", " + _metric_line(results, f"{prefix}test/teacher_", "acc", "test")
             ckpt = model.teacher_ckpt
             teacher += f" ({ckpt if ckpt else 'as constructed'})"
             lines.append(teacher)
+        if any(k.startswith("alone/") for k in results):
+            lines.append("  " + _alone_line(results, primary, network, type(model).__name__))
         callback = self.trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and (callback.best_model_path or callback.last_model_path):
             parts = []
@@ -300,6 +402,20 @@ class KDCLI(LightningCLI):
             lines.append("  checkpoints: " + ", ".join(parts))
         lines.append(f"  logs: {log_dir}")
         print("\n".join(lines), flush=True)
+
+
+def _alone_line(results: dict[str, Any], primary: str, network: str, method: str) -> str:
+    """``student alone SmallCNN: test acc 93.41%   distilled (VanillaKD): 95.02% (+1.61)`` (test, else val)."""
+    stage = "test" if f"alone/test/{primary}" in results and f"best/test/{primary}" in results else "val"
+    alone = results.get(f"alone/{stage}/{primary}")
+    distilled = results.get(f"best/{stage}/{primary}", results.get(f"{stage}/{primary}"))
+    scale, unit = (100.0, "%") if primary == "acc" else (1.0, "")
+    text = f"student alone {network}: {stage} {primary} " + ("n/a" if alone is None else f"{scale * alone:.2f}{unit}")
+    if distilled is not None:
+        text += f"   distilled ({method}): {scale * distilled:.2f}{unit}"
+        if alone is not None:
+            text += f" ({scale * (distilled - alone):+.2f})"
+    return text
 
 
 def _checkpoint_epoch(path: str | None) -> str:
@@ -381,15 +497,48 @@ def explain(message: str) -> KDConfigError:
         return KDConfigError(path or "class_path", f"unknown class {name!r}", f"{hint + '; ' if hint else ''}{listing}")
     match = re.search(r"unrecognized arguments: (.+)", text)
     if match:
-        flag = match.group(1).split()[0].split("=")[0]
-        return KDConfigError(flag.lstrip("-"), "unknown command-line option", "run kd fit --help for the options")
+        flag = match.group(1).split()[0].split("=")[0].lstrip("-")
+        owner, _, name = flag.rpartition(".")
+        hint = _did_you_mean(name, _known_options(owner))
+        if not hint and not owner:  # --epochs: perhaps a Trainer option
+            close = _did_you_mean(name, _known_options("trainer"))
+            hint = re.sub(r"'(\w+)'", r"'trainer.\1'", close)
+        return KDConfigError(flag, "unknown command-line option", hint or "run kd fit --help for the options")
+    match = re.search(r"Expected a typing\.Literal\[(.+?)\]\. Got value: (.+)", text)
+    if match:
+        return KDConfigError(path or "value", f"must be one of {match.group(1)}, got {match.group(2).strip()!r}")
+    match = re.search(r"Expected '([^']+)' to be a subclass of <class '([^']+)'>", text)
+    if match:
+        example = {"Optimizer": "torch.optim.SGD", "LRScheduler": "torch.optim.lr_scheduler.StepLR"}.get(match.group(2))
+        return KDConfigError(
+            path or "class_path",
+            f"{match.group(1)} is not a subclass of {match.group(2)}",
+            f"give the class_path of a subclass of {match.group(2)}" + (f", such as {example}" if example else ""),
+        )
+    given = re.search(r"Given value: (.+)", text)
+    expected = [t for t in re.findall(r"- Expected a <class '([^']+)'>", text) if t != "NoneType"]
+    literals = re.findall(r"- Expected a typing\.Literal\[(.+?)\]\n", text + "\n")
+    expected += [f"one of {', '.join(literals)}"] if literals else []
+    if given and expected and "Problem with given class_path" not in text:
+        nullable = " or null" if "- Expected a <class 'NoneType'>" in text else ""
+        return KDConfigError(path or "value", f"expected {' or '.join(expected)}{nullable}, got {given.group(1)!r}")
     match = re.search(r"Expected a (<class '([^']+)'>|[^.]+?)\. Got value: (.+)", text)
     if match:
         wanted = match.group(2) or match.group(1)
         return KDConfigError(path or "value", f"expected {wanted}, got {match.group(3)!r}")
     match = re.search(r"(?:Not a valid path|not accessible or invalid|does not exist)[^\n]*", text)
     if match:
-        return KDConfigError(path or "config", one_line(match.group(0), 200))
+        return KDConfigError(
+            path or "config",
+            one_line(match.group(0), 200),
+            "check the path (a relative one starts at the working folder)",
+        )
+    match = re.search(r"Problems parsing config: (.+)", text, flags=re.DOTALL)
+    if match:
+        where = re.findall(r"line (\d+), column (\d+)", text)
+        at = f" at line {where[-1][0]}, column {where[-1][1]}" if where else ""
+        problem = one_line(match.group(1).splitlines()[0], 120)
+        return KDConfigError(path or "config", f"is not valid YAML ({problem}{at})", "fix the YAML syntax")
     specific = [
         ln
         for ln in lines
@@ -444,6 +593,25 @@ def _accepted_arguments(cls: type) -> list[str]:
         return sorted(names)
 
 
+def _known_options(owner: str) -> list[str]:
+    """Options under ``owner`` (``""``: the top level, ``trainer``, ``teacher_training``) for suggestions."""
+    if owner == "":
+        return [
+            "config",
+            "seed_everything",
+            "trainer",
+            "model",
+            "data",
+            "teacher_training",
+            "test_after_fit",
+            "trust_checkpoint",
+            "ckpt_path",
+            "print_config",
+        ]
+    cls = {"trainer": L.Trainer, "teacher_training": TeacherTraining}.get(owner)
+    return _accepted_arguments(cls) if cls is not None else []
+
+
 def _did_you_mean(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
     return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?" if close else ""
@@ -459,7 +627,23 @@ def _known_classes(path: str) -> list[str]:
         return sorted(methods.__all__)
     if path == "data":
         return sorted(n for n in data.__all__ if n.endswith("DataModule"))
-    return sorted(n for n in models.__all__ if n[:1].isupper())
+    from torch import nn
+
+    networks = [getattr(models, n, None) for n in models.__all__]
+    return sorted(c.__name__ for c in networks if isinstance(c, type) and issubclass(c, nn.Module))
+
+
+def trainer_problem(err: BaseException) -> KDConfigError | None:
+    """A Lightning error that names a Trainer argument (```val_check_interval```) as ``trainer.<name>: ...``."""
+    message = one_line(str(err), 400)
+    names = set(inspect.signature(L.Trainer.__init__).parameters)
+    named = [n for n in re.findall(r"`(\w+)`", message) if n in names]
+    if not named and re.search(r"accelerator|gpu backend", message, flags=re.IGNORECASE):
+        named = ["accelerator"]
+    if not named:
+        return None
+    fix = "use accelerator auto or cpu" if named[0] == "accelerator" else "see kd fit --help"
+    return KDConfigError(f"trainer.{named[0]}", message, fix)
 
 
 def checkpoint_problem(err: BaseException) -> KDConfigError | None:

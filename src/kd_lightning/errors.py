@@ -113,6 +113,9 @@ class ConfigFieldPrefix(type):
                 err.with_prefix(prefix)
             _LAST_ERROR.set(err)
             raise
+        except (TeacherCheckpointError, DatasetNotFoundError) as err:  # already name their field
+            _LAST_ERROR.set(err)
+            raise
 
 
 def last_config_error(reset: bool = False) -> Exception | None:

@@ -40,6 +40,7 @@ from kd_lightning.methods import (
     ClassificationDistillation,
     DBiLD,
     DecoupledKLDistill,
+    EnsembleKD,
     FitNet,
     GTSelfDistill,
     KLMixingKD,
@@ -252,7 +253,7 @@ QUALIFIES = [VanillaKD, DKD, LogitStandardKD, PLD, BiLD, DBiLD, KLMixingKD, SinK
 #: training_loss/step (GTSelfDistill, SwingKD, TGeoKD), and the language-model methods (token batches, no finite
 #: view space). AdaKD and TAID override training_step but call the base's: they opt in.
 REFUSED = [AT, CRD, FitNet, RKD, TRG, DMAE, MixKD, BDKD, GTSelfDistill, SwingKD, TGeoKD]
-REFUSED += [LMDistill, OnPolicyDistill, DecoupledKLDistill]
+REFUSED += [LMDistill, OnPolicyDistill, DecoupledKLDistill, EnsembleKD]
 #: Supervised training of one network: no teacher to replace.
 NO_TEACHER = [Supervised, LMSupervised]
 #: Task siblings of the core: bases, not methods.

@@ -11,7 +11,7 @@ import torch
 
 from kd_lightning.cli import run
 from kd_lightning.commands import main
-from kd_lightning.methods import DistillationModule, VanillaKD
+from kd_lightning.methods import DistillationModule, LogitStandardKD
 from kd_lightning.models import ResNet32x4
 from tests.data_generators import write_fake_cifar100
 from tests.helpers.cli import CONFIGS_DIR, REPO, TINY, TINY_DIGITS, fit
@@ -125,7 +125,7 @@ def test_dotted_overrides_reach_the_method(in_tmp: Path) -> None:
             "--model.init_args.optimizer.lr=0.01",
         ]
     )
-    assert isinstance(cli.model, VanillaKD)
+    assert isinstance(cli.model, LogitStandardKD)
     assert cli.model.criterion.temperature == 2.0
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.01)
@@ -146,7 +146,7 @@ def test_checkpoint_round_trip_validate_and_load(in_tmp: Path) -> None:
     tested = run(["test", "--config", QUICKSTART, f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
     assert "test/acc" in tested.trainer.callback_metrics
     # CLI checkpoints carry the networks' configs: no need to pass them again.
-    restored = VanillaKD.load_from_checkpoint(last)
+    restored = LogitStandardKD.load_from_checkpoint(last)
     restored.eval(), cli.model.eval()
     x = torch.randn(3, 1, 8, 8)
     assert torch.allclose(restored(x), cli.model(x))

@@ -19,6 +19,7 @@ TINY = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--test_after_fit=false",
+    "--compare_student_alone=false",  # the quickstart config turns it on; tests that want it say so
 ]
 #: TINY plus a one-epoch teacher and no test pass: for the digits configs.
 TINY_DIGITS = [*TINY, "--teacher_training.max_epochs=1"]

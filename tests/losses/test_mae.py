@@ -171,7 +171,7 @@ def test_dmae_loss_parts_and_weight() -> None:
     assert parts["distill"].item() == pytest.approx(0.5 * 0.6)
     assert parts["loss"].item() == pytest.approx(1.0 + 0.3)
     assert set(DMAELoss()(pred, target, mask, [s], [t])) == {"loss", "rec", "distill"}
-    with pytest.raises(ValueError, match="distill_weight must be >= 0"):
+    with pytest.raises(ValueError, match="distill_weight: must be a finite number >= 0"):
         DMAELoss(distill_weight=-1.0)
 
 

@@ -55,10 +55,10 @@ def test_mse_loss_hand_computed_mean_over_batch_and_classes() -> None:
 def test_alpha_weighs_the_ground_truth() -> None:
     s, t, y = rows(S1), rows(T1), torch.tensor([2])
     only_gt = GTSelfDistillLoss(alpha=1.0)(s, None, y)  # teacher not needed
-    assert only_gt["distill"].item() == 0.0
+    assert "distill" not in only_gt  # weight 0: left out
     assert only_gt["loss"].item() == pytest.approx(mse([softmax(S1)], [[0, 0, 1]]), rel=1e-9)
     only_teacher = GTSelfDistillLoss(alpha=0.0)(s, t, y)
-    assert only_teacher["gt"].item() == 0.0
+    assert "gt" not in only_teacher
     assert only_teacher["loss"].item() == pytest.approx(mse([softmax(S1)], [softmax(T1)]), rel=1e-9)
 
 
@@ -84,6 +84,18 @@ def test_softmax_mse_zero_at_target_and_gradient_to_student_only() -> None:
     GTSelfDistillLoss(alpha=0.5)(s, t, torch.tensor([0, 1, 2]))["loss"].backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+def test_parameter_norm_term_with_reg_coef() -> None:
+    a, b = torch.tensor([3.0, 4.0], requires_grad=True), torch.tensor([1.0, 0.0])  # b is frozen: left out
+    loss = GTSelfDistillLoss(alpha=1.0, reg_coef=0.5)
+    out = loss(rows(S1), None, torch.tensor([2]), [a, b])
+    assert out["reg"].item() == pytest.approx(0.5 * 5.0)
+    assert out["loss"].item() == pytest.approx(out["gt"].item() + 2.5, rel=1e-9)
+    with pytest.raises(ValueError, match=r"reg_coef: is 0.5: the penalty needs parameters"):
+        loss(rows(S1), None, torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"reg_coef: must be a finite number >= 0"):
+        GTSelfDistillLoss(reg_coef=-1.0)
 
 
 def test_bad_arguments_named() -> None:

@@ -127,7 +127,16 @@ def test_weights_scale_the_parts() -> None:
     b, _ = heavy.training_loss(blobs_batch())
     assert b["ce"].item() == pytest.approx(0.5 * a["ce"].item(), rel=1e-6)
     assert b["rkd_distance"].item() == pytest.approx(2 * a["rkd_distance"].item(), rel=1e-6)
-    assert b["rkd_angle"].item() == 0.0
+    assert "rkd_angle" not in b  # weight 0: neither computed nor returned
+    assert b["loss"].item() == pytest.approx(b["ce"].item() + b["rkd_distance"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cls", "field"), [(AT, "at_weight"), (FitNet, "hint_weight"), (RKD, "rkd_weight"), (RKD, "angle_weight")]
+)
+def test_negative_weights_name_the_field(cls: type, field: str) -> None:
+    with pytest.raises(KDConfigError, match=rf"^model.init_args.{field}: must be a finite number >= 0, got -1.0"):
+        cls(*small_pair(), student_layers=["blocks.1"], teacher_layers=["blocks.1"], **{field: -1.0})
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

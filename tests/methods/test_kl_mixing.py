@@ -32,7 +32,7 @@ def test_criterion_and_lambda_zero_equals_vanilla_kd() -> None:
 
 
 def test_bad_reverse_weight_names_the_argument() -> None:
-    with pytest.raises(ValueError, match=r"model.init_args.reverse_weight must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"model.init_args.reverse_weight: must be in \[0, 1\]"):
         KLMixingKD(TinyNet(), TinyNet(), reverse_weight=-0.1)
 
 

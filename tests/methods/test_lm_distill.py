@@ -129,17 +129,17 @@ def test_taid_and_adakd_schedules_step_once_per_optimizer_step(tmp_path: Path) -
 
 
 def test_bad_settings_name_the_field() -> None:
-    with pytest.raises(KDConfigError, match=r"model.init_args.objective must be one of .*'jsd'.*'taid'"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.objective: must be one of .*'jsd'.*'taid'"):
         method("kl")
-    with pytest.raises(KDConfigError, match=r"objective_args for 'jsd'"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.objective_args: for 'jsd'"):
         method("jsd", objective_args={"alpha": 0.1})
-    with pytest.raises(KDConfigError, match=r"objective_args.distil_ratio is replaced"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.objective_args: distil_ratio is replaced"):
         method("taid", objective_args={"distil_ratio": 0.5})
     with pytest.raises(KDConfigError, match=r"chunked supports the objectives"):
         method("taid", chunked=True)
-    with pytest.raises(KDConfigError, match=r"kd_weight and ce_weight"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.kd_weight and ce_weight: are both 0"):
         method(kd_weight=0.0, ce_weight=0.0)
-    with pytest.raises(KDConfigError, match=r"objective_args.temperature"):
+    with pytest.raises(KDConfigError, match=r"model.init_args.objective_args: temperature is set here"):
         method(objective_args={"temperature": 2.0})
 
     class NoHead(torch.nn.Module):

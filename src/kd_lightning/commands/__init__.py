@@ -6,10 +6,15 @@ of :data:`COMMANDS`. Every user error ends as one line, ``kd: error: <field>: <p
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
+import itertools
 import pickle
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError
@@ -25,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "radioml-synth": ("kd_lightning.commands.radioml_synth", "Write synthetic RadioML-like files (offline)"),
     "model-stats": ("kd_lightning.commands.model_stats", "Parameters and MACs of networks"),
     "lm-teacher-logits": ("kd_lightning.commands.lm_teacher_logits", "Store an LM teacher's top-k log-probabilities"),
+    "bench": ("kd_lightning.commands.bench", "Grids of methods x seeds x data through kd fit: tables and plots"),
 }
 
 
@@ -48,12 +54,74 @@ def guarded(function: Callable[[], Any]) -> Any:
     return None
 
 
+def argparse_problem(message: str, command: str) -> KDConfigError:
+    """An argparse error message of ``kd <command>`` as ``<flag>: <problem>. see kd <command> --help``."""
+    fix = f"see kd {command} --help"
+    patterns = (
+        (r"argument ([^\s:/]+)(?:/\S+)?: (.+)", None),
+        (r"the following arguments are required: (.+)", "is required"),
+        (r"unrecognized arguments: (\S+)", "is not an option of kd " + command),
+        (r"(--?[\w-]+):? (.+)", None),
+    )
+    for pattern, problem in patterns:
+        match = re.fullmatch(pattern, message.strip(), flags=re.DOTALL)
+        if match:
+            return KDConfigError(match.group(1), problem or match.group(2), fix)
+    return KDConfigError(f"kd {command}", message, fix)
+
+
+@contextlib.contextmanager
+def one_line_argparse_errors(command: str) -> Iterator[None]:
+    """Within the block, ``argparse`` parsers raise :class:`KDConfigError` instead of printing their usage and
+    exiting (the extra commands parse with plain argparse; ``kd`` prints the error as one line)."""
+    original = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str) -> None:
+        raise argparse_problem(message, command)
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Every ``--config FILE`` exists and is valid YAML (jsonargparse's message names neither file nor line).
+
+    Raises:
+        KDConfigError: field ``config``, naming the file (and the line of a YAML error).
+    """
+    import yaml
+
+    values = [b for a, b in itertools.pairwise(argv) if a == "--config"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in values:
+        if "\n" in value or value.lstrip().startswith(("{", "[")):  # an inline config, not a file
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise KDConfigError(
+                "config", f"no file at {path.resolve()}", "check the path (a relative one starts at the working folder)"
+            )
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise KDConfigError(
+                "config", f"{path} is not valid YAML ({problem}{at})", "fix the syntax (a bracket or quote left open?)"
+            ) from None
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``kd``: ``kd {fit,validate,test,predict} --config ...``, plus :data:`COMMANDS`."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
-        guarded(lambda: module.main(argv[1:]))
+        with one_line_argparse_errors(argv[0]):
+            guarded(lambda: module.main(argv[1:]))
         return
     if argv and argv[0] in ("-h", "--help"):
         width = max(len(name) for name in COMMANDS)
@@ -65,7 +133,9 @@ def main(args: Sequence[str] | None = None) -> None:
         close = difflib.get_close_matches(argv[0], choices, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         _fail(KDConfigError("command", f"unknown command {argv[0]!r}", f"{hint}commands: {', '.join(choices)}"))
-    guarded(lambda: KDCLI(args=argv))
+    guarded(lambda: check_config_files(argv))
+    # From the command line, LightningCLI reads sys.argv itself (given both, it warns about a possible mix-up).
+    guarded(lambda: KDCLI(args=None if args is None else argv))
 
 
 def fit_main() -> None:

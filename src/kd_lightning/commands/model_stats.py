@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             name, init_args = parse_model_spec(spec)
             model = build_model(name, init_args, args.input_shape, args.num_classes)
         except (ValueError, TypeError) as err:
-            parser.error(str(err))
+            parser.error(f"--model: {err}")
         stats = model_stats(model, args.input_shape)
         label = name if not init_args else f"{name} {json.dumps(init_args, sort_keys=True)}"
         rows.append({"model": label, "class": type(model).__name__, **stats})

@@ -65,16 +65,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``kd radioml-synth --out DIR [--format 2016.10a 2018.01A] ...``: write synthetic RadioML files."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.file and len(args.format) > 1:
-        raise SystemExit("kd radioml-synth: --file needs exactly one --format")
+        parser.error("--file needs exactly one --format")
+    for flag, value in (("--frames", args.frames), ("--length", args.length)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     settings = {name: getattr(args, name) for name in asdict(SynthConfig())}
     settings["multipath_profile"] = tuple(settings["multipath_profile"])
     settings["frame_rms"] = settings["frame_rms"] or None
     try:
         config = SynthConfig(**settings)
     except ValueError as err:
-        raise SystemExit(f"kd radioml-synth: {err}") from None
+        parser.error(str(err))
     out = Path(args.out)
     for version in args.format:
         modulations = list(CLASSES[version]) if args.modulations is None else list(args.modulations)
@@ -84,9 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             bad = [m for m in modulations if m not in CLASSES[version]]
         if bad:
-            raise SystemExit(
-                f"kd radioml-synth: {bad} are not RadioML {version} modulations ({list(CLASSES[version])})."
-            )
+            parser.error(f"--modulations: {bad} are not RadioML {version} modulations ({list(CLASSES[version])})")
         if args.snr_range:
             start, stop, step = args.snr_range
             snrs = list(range(start, stop + (1 if step > 0 else -1), step))

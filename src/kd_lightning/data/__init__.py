@@ -3,6 +3,7 @@
 from kd_lightning.data.base import KDDataModule, stratified_split
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from kd_lightning.data.digits import DigitsDataModule
+from kd_lightning.data.digits_variants import DigitsVariantsDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
 from kd_lightning.data.radioml import RadioMLDataModule
 from kd_lightning.data.teacher_logits import TeacherLogitStore, write_teacher_logits
@@ -13,6 +14,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitsDataModule",
+    "DigitsVariantsDataModule",
     "HFTokenizer",
     "ImageNetDataModule",
     "KDDataModule",

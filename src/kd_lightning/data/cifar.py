@@ -41,7 +41,7 @@ from kd_lightning.data.views import (
     num_views,
     pad_images,
 )
-from kd_lightning.errors import DatasetChecksumError, DatasetNotFoundError, KDConfigError
+from kd_lightning.errors import DatasetChecksumError, DatasetNotFoundError, KDConfigError, one_line
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "DatasetChecksumError", "load_cifar_batches"]
 
@@ -228,7 +228,19 @@ class _CIFARDataModule(KDDataModule):
             if not self._missing_files():
                 return
         if self.download:
-            self._torchvision_class()(str(root), train=True, download=True)
+            dataset = self._torchvision_class()
+            try:
+                dataset(str(root), train=True, download=True)
+            except OSError as err:  # no network, proxy, DNS (urllib's URLError is an OSError)
+                missing = self._missing_files()
+                raise KDConfigError(
+                    "data.init_args.download",
+                    f"could not download {self.name} ({type(err).__name__}: {one_line(str(err), 80)}), so "
+                    f"{root.resolve() / self.base_folder} lacks {len(missing)} files "
+                    f"({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''})",
+                    f"fetch {dataset.url} on a machine with internet and put it in that root folder (kd extracts "
+                    f"it), or point data.init_args.root at a folder that holds {self.base_folder}/",
+                ) from None
 
     # ----------------------------------------------------------------------------- transforms
     def train_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -269,8 +281,9 @@ class _CIFARDataModule(KDDataModule):
             raise DatasetNotFoundError(
                 self.name,
                 self.root,
-                [f"{self.base_folder}/{f}" for f in self.expected_files],
-                f"Missing: {', '.join(missing)}. Pass --data.init_args.download true (needs internet) "
+                [f"{self.base_folder}/{f}" for f in missing],
+                (f"Missing: {', '.join(missing)}. " if len(missing) < len(self.expected_files) else "")
+                + "Pass --data.init_args.download true (needs internet) "
                 f"or set --data.init_args.root to the folder that holds {self.base_folder}/ "
                 f"(or the archive {archive}).",
             )

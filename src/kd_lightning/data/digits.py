@@ -64,10 +64,14 @@ class DigitsDataModule(KDDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_workers=num_workers, **kwargs)
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < value < 1:
+                raise KDConfigError(name, f"must be in (0, 1), got {value}", "it is a share of the 1797 digits")
+        if val_fraction + test_fraction >= 1:
             raise KDConfigError(
-                "data.init_args.val_fraction and data.init_args.test_fraction must each be in (0, 1) "
-                f"and sum to less than 1, got {val_fraction} and {test_fraction}."
+                "val_fraction",
+                f"val_fraction + test_fraction must sum to less than 1, got {val_fraction} + {test_fraction}",
+                "leave some digits for training",
             )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction

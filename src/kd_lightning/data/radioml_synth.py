@@ -71,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_lightning.data.radioml import CLASSES, CLASSES_2018, SNRS
+from kd_lightning.data.radioml_layouts import CLASSES, CLASSES_2018, SNRS, import_h5py
 from kd_lightning.errors import KDConfigError
 
 __all__ = [
@@ -432,9 +432,7 @@ def write_hdf5(frames: dict[tuple[str, int], np.ndarray], path: str | Path) -> P
     Rows are in contiguous blocks ordered by the class order of :data:`CLASSES_2018`, then by SNR, as
     in the published file. Modulation names must be RML2018 names (see :data:`ALIASES_2018`).
     """
-    from kd_lightning.data.radioml import _import_h5py
-
-    h5py = _import_h5py()
+    h5py = import_h5py()
     bad = sorted({m for m, _ in frames if m not in CLASSES_2018})
     if bad:
         hint = {m: ALIASES_2018[m] for m in bad if m in ALIASES_2018}

@@ -148,6 +148,18 @@ class HFTokenizer:
     """
 
     def __init__(self, name_or_path: str, local_files_only: bool = False, trust_remote_code: bool = False) -> None:
+        field = "data.init_args.tokenizer"
+        local = Path(name_or_path).expanduser()
+        # Hub names are "name" or "org/name"; "./x", "/x", "~/x", "a/b/c" can only be local folders.
+        looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+        if looks_local and not local.exists():
+            # A local path that is not there: say so now instead of asking the hub for it (slow, then a raw OSError).
+            raise KDConfigError(
+                field,
+                f"no tokenizer folder at {local.resolve()}",
+                "give the folder that holds tokenizer.json / tokenizer_config.json, or a Hugging Face hub name "
+                "(e.g. gpt2), or byte",
+            )
         try:
             from transformers import AutoTokenizer
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -155,9 +167,18 @@ class HFTokenizer:
                 f"tokenizer={name_or_path!r} is a Hugging Face tokenizer, which needs transformers: "
                 "pip install 'kd-lightning[transformers]' (or use tokenizer: byte)."
             ) from err
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path, local_files_only=local_files_only, trust_remote_code=trust_remote_code
-        )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                name_or_path, local_files_only=local_files_only, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            where = "in the local Hugging Face cache" if local_files_only else "locally or on the Hugging Face hub"
+            detail = " ".join(str(err).split())[:160]
+            raise KDConfigError(
+                field,
+                f"cannot load tokenizer {name_or_path!r} {where} ({type(err).__name__}: {detail})",
+                "check the name or path; data.init_args.local_files_only=false lets it download once",
+            ) from None
         self.tokenizer.model_max_length = sys.maxsize  # whole files are encoded, then packed: no length warning
         self.name = name_or_path
         self.bos_token_id = self.tokenizer.bos_token_id

@@ -51,6 +51,7 @@ from kd_lightning.losses.divergences import (
     reduce_items,
     reverse_kl,
 )
+from kd_lightning.losses.ensemble import EnsembleKDLoss, ensemble_log_probs
 from kd_lightning.losses.feature import (
     AttentionTransferLoss,
     HintLoss,
@@ -77,6 +78,7 @@ from kd_lightning.losses.lm import (
     token_objective,
     total_variation,
 )
+from kd_lightning.losses.lm_objectives import LM_OBJECTIVES, TokenDivergence, build_token_objective
 from kd_lightning.losses.logit import (
     DKDLoss,
     KDLoss,
@@ -175,6 +177,7 @@ from kd_lightning.losses.transport import (
 __all__ = [
     "CHUNK_OBJECTIVES",
     "FEATURE_VARIANTS",
+    "LM_OBJECTIVES",
     "TOKEN_OBJECTIVES",
     "AdaKDLoss",
     "AttentionTransferLoss",
@@ -188,6 +191,7 @@ __all__ = [
     "DKDLoss",
     "DMAELoss",
     "EmbedHead",
+    "EnsembleKDLoss",
     "FusionRatioNet",
     "GTSelfDistillLoss",
     "HintLoss",
@@ -208,6 +212,7 @@ __all__ = [
     "TAIDLoss",
     "TGeoKDLoss",
     "TRGLoss",
+    "TokenDivergence",
     "TopKTargets",
     "adakd_difficulty",
     "align_vocab",
@@ -218,6 +223,7 @@ __all__ = [
     "attention_transfer_loss",
     "attention_transfer_term",
     "bd_kd_weights",
+    "build_token_objective",
     "check_vocab_sizes",
     "check_weights",
     "chunked_distillation_loss",
@@ -227,6 +233,7 @@ __all__ = [
     "dynamic_k",
     "dynamic_logit_difference_kl",
     "edge_loss",
+    "ensemble_log_probs",
     "entropy",
     "forward_kl",
     "fusion_feature_dim",

@@ -30,6 +30,7 @@ from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import forward_kl, reduce_items, reverse_kl
 from kd_lightning.losses.schedule import Progress, ScheduledLoss
 from kd_lightning.losses.taid import pending_over_ranks
+from kd_lightning.losses.terms import weighted_terms
 
 __all__ = ["AdaKDLoss", "adakd_difficulty", "idts_temperatures", "select_hardest"]
 
@@ -262,7 +263,7 @@ class AdaKDLoss(nn.Module, ScheduledLoss):
             self.last_mean_temperature = temperatures[selected].mean().item() if n_sel else float("nan")
         if self.training:
             self.record(distil)
-        parts = {"adakd": self.kd_ratio * distil}
+        terms = {"adakd": distil}
         if self.kd_ratio < 1.0:
             if target is None:
                 raise KDConfigError(f"kd_ratio={self.kd_ratio} < 1 mixes in a cross-entropy: pass target.")
@@ -270,8 +271,26 @@ class AdaKDLoss(nn.Module, ScheduledLoss):
             ce = F.cross_entropy(flat, target.reshape(-1), ignore_index=self.ignore_index, reduction="none")
             keep = target != self.ignore_index
             keep = keep if mask is None else keep & mask.to(torch.bool)
-            parts["ce"] = (1.0 - self.kd_ratio) * reduce_items(ce.reshape(target.shape), keep)
-        return {"loss": sum(parts.values()), **parts}
+            terms["ce"] = reduce_items(ce.reshape(target.shape), keep)
+        return weighted_terms(terms, {"adakd": self.kd_ratio, "ce": 1.0 - self.kd_ratio})
+
+    def token_sum(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+        """The AdaKD term over the tokens of ``mask`` as a sum (no CE): a token objective of LMDistill.
+
+        AdaKD averages over its *selected* tokens; that mean is scaled by the number of valid tokens, so
+        dividing by them gives the official mean. In training it records the mean for the schedule.
+        """
+        num_valid = mask.sum().clamp_min(1)
+        per_item, selected, temperatures = self.distillation_terms(student_logits, teacher_logits, mask)
+        num_selected = selected.sum().clamp_min(1)
+        with torch.no_grad():
+            self.last_selected_fraction = float(selected.sum() / num_valid)
+            chosen = temperatures[selected]
+            self.last_mean_temperature = float(chosen.mean()) if chosen.numel() else math.nan
+        mean_selected = per_item.sum() / num_selected
+        if self.training:
+            self.record(mean_selected.detach())
+        return mean_selected * num_valid
 
     # ------------------------------------------------------------------ LATF schedule
     def record(self, loss: Tensor) -> None:

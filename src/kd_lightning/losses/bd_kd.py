@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import entropy, forward_kl, reverse_kl
+from kd_lightning.losses.terms import check_weights, weighted_terms
 
 Weighting = Literal["hard", "sigmoid"]
 
@@ -79,7 +80,8 @@ class BDKDLoss(nn.Module):
     networks train). The student terms treat the teacher as a constant and the teacher terms the
     student, so back-propagating ``"loss"`` (= L_S + L_T) gives each network exactly the gradient
     of its own objective. Returns ``{"loss", "ce", "kd_forward", "kd_reverse", "teacher_ce",
-    "teacher_kl"}``: weighted terms, the first three sum to L_S, the last two to L_T.
+    "teacher_kl"}``: weighted terms, the first three sum to L_S, the last two to L_T (terms of weight 0
+    are left out).
 
     Args:
         temperature: τ of the divergences and of the entropies.
@@ -121,6 +123,7 @@ class BDKDLoss(nn.Module):
         ):
             if value < 0:
                 raise KDConfigError(f"{name} must be >= 0, got {value}.")
+        check_weights(kd_weight=kd_weight, teacher_kd_weight=teacher_kd_weight, ce_weight=ce_weight)
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.teacher_kd_weight = teacher_kd_weight
@@ -156,20 +159,18 @@ class BDKDLoss(nn.Module):
         # Student: the teacher is a constant.
         fkl = forward_kl(s, t_const, tau, reduction="none")
         rkl = reverse_kl(s, t_const, tau, reduction="none")
-        kd_forward = self.kd_weight * scale * (w_f * fkl).mean()
-        kd_reverse = self.kd_weight * scale * (w_r * rkl).mean()
-        ce = self.ce_weight * F.cross_entropy(s, y)
+        kd_forward, kd_reverse = (w_f * fkl).mean(), (w_r * rkl).mean()
+        ce = F.cross_entropy(s, y)
         # Teacher: the student is a constant.
         divergence = reverse_kl if self.teacher_kl == "reverse" else forward_kl  # KL(p_S‖p_T) or KL(p_T‖p_S)
-        teacher_div = divergence(s_const, t, tau)
-        teacher_kl = self.teacher_kd_weight * scale * teacher_div
-        teacher_ce = self.ce_weight * F.cross_entropy(t, y)
-        total = ce + kd_forward + kd_reverse + teacher_ce + teacher_kl
-        return {
-            "loss": total,
+        teacher_kl = divergence(s_const, t, tau)
+        terms = {
             "ce": ce,
             "kd_forward": kd_forward,
             "kd_reverse": kd_reverse,
-            "teacher_ce": teacher_ce,
+            "teacher_ce": F.cross_entropy(t, y),
             "teacher_kl": teacher_kl,
         }
+        kd = self.kd_weight * scale
+        weights = {"kd_forward": kd, "kd_reverse": kd, "teacher_kl": self.teacher_kd_weight * scale}
+        return weighted_terms(terms, {"ce": self.ce_weight, "teacher_ce": self.ce_weight, **weights})

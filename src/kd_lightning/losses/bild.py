@@ -29,8 +29,11 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import Reduction, forward_kl, mixed_kl, reduce_items, reverse_kl
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 
 Leader = Literal["teacher", "student"]
+#: The two branches of BiLD, in the order their terms are summed: t-LD, then s-LD.
+LEADERS: tuple[Leader, Leader] = ("teacher", "student")
 
 __all__ = [
     "BiLDLoss",
@@ -204,7 +207,37 @@ def _masked_cross_entropy(student_logits: Tensor, target: Tensor | None, mask: T
     return reduce_items(ce, mask)
 
 
-class BiLDLoss(nn.Module):
+class _BidirectionalLD(nn.Module):
+    """``w_KD·(t-LD + s-LD) + w_CE·CE`` for a subclass's per-leader term :meth:`leader_kl`."""
+
+    kd_weight: float
+    ce_weight: float
+
+    def leader_kl(
+        self, student_logits: Tensor, teacher_logits: Tensor, leader: Leader, mask: Tensor | None, reduction: Reduction
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        terms = {
+            f"{leader[0]}_ld": self.leader_kl(student_logits, teacher_logits, leader, mask, "mean")
+            for leader in LEADERS
+        }
+        if active(self.ce_weight):
+            terms["ce"] = _masked_cross_entropy(student_logits, target, mask)
+        return weighted_terms(terms, {"t_ld": self.kd_weight, "s_ld": self.kd_weight, "ce": self.ce_weight})
+
+    def token_sum(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+        """``w_KD·Σ_items (t-LD + s-LD)`` over the items of ``mask`` (no CE): a token objective of LMDistill."""
+        sums = {
+            leader: self.leader_kl(student_logits, teacher_logits, leader, mask, "none").sum() for leader in LEADERS
+        }
+        return weighted_terms(sums, dict.fromkeys(LEADERS, self.kd_weight))["loss"]
+
+
+class BiLDLoss(_BidirectionalLD):
     """BiLD (COLING 2025): ``w_KD·(t-LD + s-LD) + w_CE·CE``; see :func:`logit_difference_kl`.
 
     Args:
@@ -223,25 +256,22 @@ class BiLDLoss(nn.Module):
         super().__init__()
         _check_k(top_k, "top_k")
         check_temperature(temperature)
+        check_weights(kd_weight=kd_weight, ce_weight=ce_weight)
         self.top_k = top_k
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
 
-    def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, mask: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        terms = {
-            f"{leader[0]}_ld": self.kd_weight
-            * logit_difference_kl(student_logits, teacher_logits, self.top_k, self.temperature, leader, 0.0, mask)
-            for leader in ("teacher", "student")
-        }
-        if self.ce_weight != 0:
-            terms["ce"] = self.ce_weight * _masked_cross_entropy(student_logits, target, mask)
-        return {"loss": sum(terms.values()), **terms}
+    def leader_kl(
+        self, student_logits: Tensor, teacher_logits: Tensor, leader: Leader, mask: Tensor | None, reduction: Reduction
+    ) -> Tensor:
+        """One LD term: :func:`logit_difference_kl` with this loss's k and τ."""
+        return logit_difference_kl(
+            student_logits, teacher_logits, self.top_k, self.temperature, leader, 0.0, mask, reduction
+        )
 
 
-class DBiLDLoss(nn.Module):
+class DBiLDLoss(_BidirectionalLD):
     """DBiLD-style loss — **RECONSTRUCTION**, not the Switch-KD authors' code (none is released).
 
     Switch-KD (Sun et al., CVPR Findings 2026, arXiv 2604.14629) names "Dynamic Bi-directional
@@ -296,6 +326,7 @@ class DBiLDLoss(nn.Module):
             raise KDConfigError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
         if k_source not in ("leader", "teacher"):
             raise KDConfigError(f"k_source must be 'leader' or 'teacher', got {k_source!r}.")
+        check_weights(kd_weight=kd_weight, ce_weight=ce_weight)
         self.mass = mass
         self.k_min = k_min
         self.k_max = k_max
@@ -310,26 +341,21 @@ class DBiLDLoss(nn.Module):
         """The per-item k this loss uses for a leader's ``logits``."""
         return dynamic_k(logits, self.mass, self.k_min, self.k_max, self.mass_temperature)
 
-    def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, mask: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        terms = {
-            f"{leader[0]}_ld": self.kd_weight
-            * dynamic_logit_difference_kl(
-                student_logits,
-                teacher_logits,
-                leader,
-                self.mass,
-                self.k_min,
-                self.k_max,
-                self.temperature,
-                self.mass_temperature,
-                self.k_source,
-                self.reverse_weight,
-                mask,
-            )
-            for leader in ("teacher", "student")
-        }
-        if self.ce_weight != 0:
-            terms["ce"] = self.ce_weight * _masked_cross_entropy(student_logits, target, mask)
-        return {"loss": sum(terms.values()), **terms}
+    def leader_kl(
+        self, student_logits: Tensor, teacher_logits: Tensor, leader: Leader, mask: Tensor | None, reduction: Reduction
+    ) -> Tensor:
+        """One LD term: :func:`dynamic_logit_difference_kl` with this loss's settings."""
+        return dynamic_logit_difference_kl(
+            student_logits,
+            teacher_logits,
+            leader,
+            self.mass,
+            self.k_min,
+            self.k_max,
+            self.temperature,
+            self.mass_temperature,
+            self.k_source,
+            self.reverse_weight,
+            mask,
+            reduction,
+        )

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
+from kd_lightning.losses.terms import weighted_terms
 
 __all__ = ["CRDLoss", "ContrastiveMemory", "EmbedHead", "all_gather_cat", "nce_loss"]
 
@@ -453,8 +454,4 @@ class CRDLoss(nn.Module):
             teacher_anchor = nce_loss(logits_t, self.log_z[1].float(), n)
         if update:
             memory.update_(index, s, t, sync=self.sync)
-        return {
-            "loss": student_anchor + teacher_anchor,
-            "student_anchor": student_anchor,
-            "teacher_anchor": teacher_anchor,
-        }
+        return weighted_terms({"student_anchor": student_anchor, "teacher_anchor": teacher_anchor})

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import mixed_kl, reduce_items
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 
 __all__ = ["MixedKLLoss"]
 
@@ -31,7 +32,8 @@ class MixedKLLoss(nn.Module):
 
     Logits are ``[..., C]`` (a ``[B, C]`` batch or ``[B, T, V]`` tokens); every term is averaged
     over the items selected by ``mask`` (all items without one). The teacher logits are detached.
-    Returns ``{"loss", "ce", "kd"}`` with the weighted terms (``ce + kd = loss``).
+    Returns ``{"loss", "ce", "kd"}`` with the weighted terms (``ce + kd = loss``; without ``ce`` when there is
+    no target or ``ce_weight = 0``).
 
     Args:
         reverse_weight: λ in ``[0, 1]``, the weight of the reverse KL.
@@ -47,6 +49,7 @@ class MixedKLLoss(nn.Module):
         if not 0.0 <= reverse_weight <= 1.0:
             raise KDConfigError(f"reverse_weight must be in [0, 1], got {reverse_weight}.")
         check_temperature(temperature)
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
         self.reverse_weight = reverse_weight
         self.temperature = temperature
         self.ce_weight = ce_weight
@@ -63,15 +66,12 @@ class MixedKLLoss(nn.Module):
         if target is None and self.ce_weight != 0:
             raise KDConfigError(f"MixedKLLoss with ce_weight={self.ce_weight} needs a target (or set ce_weight=0).")
         tau = self.temperature
-        divergence = mixed_kl(student_logits, teacher_logits.detach(), self.reverse_weight, tau, mask)
-        kd = self.kd_weight * tau**2 * divergence
-        if target is None:
-            ce = kd.new_zeros(())
-        else:
+        terms = {"kd": mixed_kl(student_logits, teacher_logits.detach(), self.reverse_weight, tau, mask)}
+        if target is not None and active(self.ce_weight):
             flat = upcast(student_logits.reshape(-1, student_logits.shape[-1]))
             per_item = F.cross_entropy(flat, target.reshape(-1), reduction="none").reshape(target.shape)
-            ce = self.ce_weight * reduce_items(per_item, mask)
-        return {"loss": ce + kd, "ce": ce, "kd": kd}
+            terms = {"ce": reduce_items(per_item, mask), **terms}
+        return weighted_terms(terms, {"ce": self.ce_weight, "kd": self.kd_weight * tau**2})
 
     def extra_repr(self) -> str:
         return (

@@ -222,11 +222,13 @@ class LogitStandardKDLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         check_logits(student_logits, teacher_logits, target)
-        ce = self.ce_weight * _cross_entropy(student_logits, target)
-        kd = self.kd_weight * kd_kl_div(
-            standardize_logits(student_logits), standardize_logits(teacher_logits.detach()), self.temperature
-        )
-        return {"loss": ce + kd, "ce": ce, "kd": kd}
+        terms = {
+            "ce": _cross_entropy(student_logits, target),
+            "kd": kd_kl_div(
+                standardize_logits(student_logits), standardize_logits(teacher_logits.detach()), self.temperature
+            ),
+        }
+        return weighted_terms(terms, {"ce": self.ce_weight, "kd": self.kd_weight})
 
 
 class PLDLoss(nn.Module):

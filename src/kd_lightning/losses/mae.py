@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
+from kd_lightning.losses.terms import check_weights, weighted_terms
 
 __all__ = [
     "DMAELoss",
@@ -189,14 +190,13 @@ class DMAELoss(nn.Module):
 
     ``forward(pred, target, mask, student_feats, teacher_feats)`` takes the student decoder's prediction, the
     patchified images, the mask and lists of projected student / teacher features (one per aligned pair) and
-    returns ``{"loss", "rec", "distill"}`` (``distill`` is the weighted sum over pairs; with several pairs also
-    ``distill_0``, ``distill_1``, ... unweighted).
+    returns ``{"loss", "rec", "distill"}`` (``distill`` is the weighted sum over pairs, absent without pairs or
+    with weight 0; with several pairs also ``distill_0``, ``distill_1``, ... unweighted).
     """
 
     def __init__(self, distill_weight: float = 1.0, norm_pix_loss: bool = False) -> None:
         super().__init__()
-        if distill_weight < 0:
-            raise KDConfigError(f"distill_weight must be >= 0, got {distill_weight}.")
+        check_weights(distill_weight=distill_weight)
         self.distill_weight = distill_weight
         self.norm_pix_loss = norm_pix_loss
 
@@ -212,8 +212,8 @@ class DMAELoss(nn.Module):
             raise KDConfigError(f"{len(student_feats)} student features but {len(teacher_feats)} teacher features.")
         rec = masked_reconstruction_loss(pred, target, mask, norm_pix=self.norm_pix_loss)
         pairs = [normalized_l1_loss(s, t) for s, t in zip(student_feats, teacher_feats, strict=True)]
-        distill = self.distill_weight * torch.stack(pairs).sum() if pairs else rec.new_zeros(())
-        parts = {"loss": rec + distill, "rec": rec, "distill": distill}
+        terms = {"rec": rec, "distill": torch.stack(pairs).sum()} if pairs else {"rec": rec}
+        parts = weighted_terms(terms, {"distill": self.distill_weight})
         if len(pairs) > 1:
             parts.update({f"distill_{k}": value for k, value in enumerate(pairs)})
         return parts

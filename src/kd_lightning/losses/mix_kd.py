@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import forward_kl
+from kd_lightning.losses.terms import check_weights, weighted_terms
 
 UnmixedSampling = Literal["replacement", "exact"]
 
@@ -195,6 +196,7 @@ class MixKDLoss(nn.Module):
         if distill not in ("mixstd", "kd"):
             raise KDConfigError(f"distill must be 'mixstd' or 'kd', got {distill!r}.")
         check_temperature(temperature)
+        check_weights(gamma=gamma, alpha=alpha)
         if eps < 0:
             raise KDConfigError(f"eps must be >= 0, got {eps}.")
         self.distill = distill
@@ -208,5 +210,4 @@ class MixKDLoss(nn.Module):
             ce, kd = mixstd_loss(student_logits, teacher_logits, soft_target, self.eps)
         else:
             ce, kd = mixup_kd_loss(student_logits, teacher_logits, soft_target, self.temperature)
-        ce, kd = self.gamma * ce, self.alpha * kd
-        return {"loss": ce + kd, "ce": ce, "kd": kd}
+        return weighted_terms({"ce": ce, "kd": kd}, {"ce": self.gamma, "kd": self.alpha})

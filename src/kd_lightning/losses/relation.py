@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 
 __all__ = [
     "RKDLoss",
@@ -95,7 +96,8 @@ class RKDLoss(nn.Module):
 
     Defaults are the paper's and RepDistiller's (w_D = 25, w_A = 50, non-squared distances,
     eps 1e-12). Called as ``loss(student_emb, teacher_emb)``; returns
-    ``{"loss": total, "distance": w_D·RKD-D, "angle": w_A·RKD-A}``.
+    ``{"loss": total, "distance": w_D·RKD-D, "angle": w_A·RKD-A}`` (a term of weight 0 is neither computed
+    nor returned).
 
     Args:
         distance_weight: w_D.
@@ -108,8 +110,7 @@ class RKDLoss(nn.Module):
         self, distance_weight: float = 25.0, angle_weight: float = 50.0, squared: bool = False, eps: float = 1e-12
     ) -> None:
         super().__init__()
-        if distance_weight < 0 or angle_weight < 0:
-            raise KDConfigError(f"RKD weights must be >= 0, got distance {distance_weight} and angle {angle_weight}.")
+        check_weights(distance_weight=distance_weight, angle_weight=angle_weight)
         if eps < 0:
             raise KDConfigError(f"eps must be >= 0, got {eps}.")
         self.distance_weight = distance_weight
@@ -118,6 +119,9 @@ class RKDLoss(nn.Module):
         self.eps = eps
 
     def forward(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
-        distance = self.distance_weight * rkd_distance_loss(student, teacher, self.squared, self.eps)
-        angle = self.angle_weight * rkd_angle_loss(student, teacher, self.eps)
-        return {"loss": distance + angle, "distance": distance, "angle": angle}
+        terms: dict[str, Tensor] = {}
+        if active(self.distance_weight):
+            terms["distance"] = rkd_distance_loss(student, teacher, self.squared, self.eps)
+        if active(self.angle_weight):
+            terms["angle"] = rkd_angle_loss(student, teacher, self.eps)
+        return weighted_terms(terms, {"distance": self.distance_weight, "angle": self.angle_weight})

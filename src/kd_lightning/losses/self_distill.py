@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.logit import kd_kl_div
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 
 SelfDistillLossKind = Literal["mse", "ce_kl"]
 
@@ -61,7 +62,7 @@ def parameter_norm_penalty(parameters: Iterable[Tensor]) -> Tensor:
 
 
 class GTSelfDistillLoss(nn.Module):
-    """Ground-truth-weighted self-distillation loss (without the parameter-norm term; the method adds it).
+    """Ground-truth-weighted self-distillation loss, with the official parameter-norm term ``c·Σ_θ ‖θ‖₂``.
 
     - ``loss="mse"`` (official): ``α·MSE(softmax(z_S), onehot(y)) + (1 − α)·MSE(softmax(z_S), softmax(z_T))``.
     - ``loss="ce_kl"`` (variant, not the paper's experiments): ``α·CE(z_S, y) + (1 − α)·τ²·KL(p_T^τ ‖ p_S^τ)``.
@@ -70,46 +71,60 @@ class GTSelfDistillLoss(nn.Module):
         alpha: α, weight of the **ground truth** (1: plain training, 0: pure self-distillation).
         loss: ``"mse"`` or ``"ce_kl"``.
         temperature: τ of the KL term of ``"ce_kl"`` (unused by ``"mse"``).
+        reg_coef: c, weight of :func:`parameter_norm_penalty` over the ``parameters`` passed to ``forward``
+            (only the trainable ones count); 0 (default) leaves it out.
 
-    ``teacher_logits`` may be ``None`` when α = 1. Returns ``{"loss", "gt", "distill"}`` (weighted).
+    ``teacher_logits`` may be ``None`` when α = 1. Returns ``{"loss", "gt", "distill"}`` plus ``"reg"`` when
+    ``reg_coef > 0`` (weighted terms; a term of weight 0 is left out).
     """
 
-    def __init__(self, alpha: float = 0.6, loss: SelfDistillLossKind = "mse", temperature: float = 1.0) -> None:
+    def __init__(
+        self, alpha: float = 0.6, loss: SelfDistillLossKind = "mse", temperature: float = 1.0, reg_coef: float = 0.0
+    ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise KDConfigError(f"alpha (the ground-truth weight) must be in [0, 1], got {alpha}.")
         if loss not in ("mse", "ce_kl"):
             raise KDConfigError(f"loss must be 'mse' or 'ce_kl', got {loss!r}.")
         check_temperature(temperature)
+        check_weights(reg_coef=reg_coef)
         self.alpha = alpha
         self.loss = loss
         self.temperature = temperature
+        self.reg_coef = reg_coef
 
     @property
     def uses_teacher(self) -> bool:
         """Whether the teacher's outputs enter the loss (α < 1)."""
         return self.alpha < 1.0
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        target: Tensor,
+        parameters: Iterable[Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         check_logits(student_logits, teacher_logits, target)
         flat = upcast(student_logits.reshape(-1, student_logits.shape[-1]))
         y = target.reshape(-1)
         if self.loss == "mse":
-            gt = softmax_mse(flat, F.one_hot(y, flat.shape[-1]).to(flat.dtype))
+            terms = {"gt": softmax_mse(flat, F.one_hot(y, flat.shape[-1]).to(flat.dtype))}
         else:
-            gt = F.cross_entropy(flat, y)
+            terms = {"gt": F.cross_entropy(flat, y)}
         if self.uses_teacher:
             if teacher_logits is None:
                 raise KDConfigError(f"teacher_logits are needed when alpha < 1 (alpha={self.alpha}).")
             t = teacher_logits.detach()
             if self.loss == "mse":
-                distill = softmax_mse(flat, F.softmax(upcast(t.reshape(flat.shape)), dim=-1))
+                terms["distill"] = softmax_mse(flat, F.softmax(upcast(t.reshape(flat.shape)), dim=-1))
             else:
-                distill = kd_kl_div(flat, t.reshape(flat.shape), self.temperature)
-        else:
-            distill = flat.new_zeros(())
-        gt, distill = self.alpha * gt, (1.0 - self.alpha) * distill
-        return {"loss": gt + distill, "gt": gt, "distill": distill}
+                terms["distill"] = kd_kl_div(flat, t.reshape(flat.shape), self.temperature)
+        if active(self.reg_coef):
+            if parameters is None:
+                raise KDConfigError("reg_coef", f"is {self.reg_coef}: the penalty needs parameters", "pass them")
+            terms["reg"] = parameter_norm_penalty(p for p in parameters if p.requires_grad)
+        return weighted_terms(terms, {"gt": self.alpha, "distill": 1.0 - self.alpha, "reg": self.reg_coef})
 
 
 # --------------------------------------------------------------------------- choosing α

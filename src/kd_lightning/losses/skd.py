@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.logit import kd_kl_div
+from kd_lightning.losses.terms import weighted_terms
 
 __all__ = ["SKDLoss"]
 
@@ -40,6 +41,8 @@ class SKDLoss(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         check_logits(student_logits, teacher_logits, target)
         flat = upcast(student_logits.reshape(-1, student_logits.shape[-1]))
-        ce = self.alpha * F.cross_entropy(flat, target.reshape(-1))
-        kd = (1.0 - self.alpha) * kd_kl_div(student_logits, teacher_logits, self.temperature)
-        return {"loss": ce + kd, "ce": ce, "kd": kd}
+        terms = {
+            "ce": F.cross_entropy(flat, target.reshape(-1)),
+            "kd": kd_kl_div(student_logits, teacher_logits, self.temperature),
+        }
+        return weighted_terms(terms, {"ce": self.alpha, "kd": 1.0 - self.alpha})

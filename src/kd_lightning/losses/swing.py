@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import reduce_items
+from kd_lightning.losses.terms import weighted_terms
 
 NoiseKind = Literal["laplace", "gaussian", "none"]
 NoiseTarget = Literal["probs", "logits"]
@@ -387,7 +388,7 @@ class SwingLoss(nn.Module):
                 f"got {tuple(privacy.shape)}."
             )
         items, _ = self.per_item(student_logits, teacher_logits, privacy)
-        kd = self.alpha * reduce_items(items)
+        kd = reduce_items(items)
         flat = upcast(student_logits.reshape(-1, student_logits.shape[-1]))
-        ce = (1.0 - self.alpha) * F.cross_entropy(flat, target.reshape(-1))
-        return {"loss": ce + kd, "ce": ce, "kd": kd}
+        terms = {"ce": F.cross_entropy(flat, target.reshape(-1)), "kd": kd}
+        return weighted_terms(terms, {"ce": 1.0 - self.alpha, "kd": self.alpha})

@@ -26,6 +26,7 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, upcast
 from kd_lightning.losses.divergences import forward_kl, reduce_items
 from kd_lightning.losses.schedule import Progress, ScheduledLoss
+from kd_lightning.losses.terms import weighted_terms
 
 __all__ = ["TAIDLoss", "pending_over_ranks", "taid_interpolated_logits", "taid_loss"]
 
@@ -171,7 +172,7 @@ class TAIDLoss(nn.Module, ScheduledLoss):
         distil = taid_loss(student_logits, teacher_logits, self.t, mask, self.objective)
         if self.training:
             self.record(distil)
-        parts = {"taid": self.distil_ratio * distil}
+        terms = {"taid": distil}
         if self.distil_ratio < 1.0:
             if target is None:
                 raise KDConfigError(f"distil_ratio={self.distil_ratio} < 1 mixes in a cross-entropy: pass target.")
@@ -179,8 +180,18 @@ class TAIDLoss(nn.Module, ScheduledLoss):
             per_item = F.cross_entropy(flat, target.reshape(-1), ignore_index=self.ignore_index, reduction="none")
             valid = target != self.ignore_index
             keep = valid if mask is None else valid & mask
-            parts["ce"] = (1.0 - self.distil_ratio) * reduce_items(per_item.reshape(target.shape), keep)
-        return {"loss": sum(parts.values()), **parts}
+            terms["ce"] = reduce_items(per_item.reshape(target.shape), keep)
+        return weighted_terms(terms, {"taid": self.distil_ratio, "ce": 1.0 - self.distil_ratio})
+
+    def token_sum(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+        """``Σ`` of the TAID term over the tokens of ``mask`` (no CE): a token objective of LMDistill.
+
+        In training it records the tokens' mean for the schedule, as :meth:`forward` does.
+        """
+        total = taid_loss(student_logits, teacher_logits, self.t, mask, self.objective, reduction="none").sum()
+        if self.training:
+            self.record(total.detach() / mask.sum().clamp_min(1))
+        return total
 
     # ------------------------------------------------------------------ schedule
     def record(self, loss: Tensor) -> None:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import forward_kl
+from kd_lightning.losses.terms import weighted_terms
 
 FeatureVariant = Literal["tabular_9c", "cifar_9c", "distances"]
 FEATURE_VARIANTS: tuple[str, ...] = ("tabular_9c", "cifar_9c", "distances")
@@ -181,9 +182,7 @@ class TGeoKDLoss(nn.Module):
         if alpha.shape != kd.shape:
             raise KDConfigError(f"alpha must hold one ratio per sample ({kd.shape[0]}), got {alpha.shape[0]}.")
         alpha = alpha.to(kd.dtype)
-        kd = (alpha * kd).mean()
-        ce = ((1 - alpha) * ce).mean()
-        return {"loss": kd + ce, "kd": kd, "ce": ce}
+        return weighted_terms({"kd": (alpha * kd).mean(), "ce": ((1 - alpha) * ce).mean()})
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

@@ -30,6 +30,7 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, gather_tokens, upcast
 from kd_lightning.losses.divergences import kl_divergence
 from kd_lightning.losses.logit import kd_kl_div
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 
 __all__ = [
     "TRGLoss",
@@ -202,6 +203,9 @@ def _as_list(value: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return [value] if isinstance(value, Tensor) else list(value)
 
 
+_TERMS = ("ce", "kd", "node", "edge", "context")
+
+
 class TRGLoss(nn.Module):
     """TRG objective (RECONSTRUCTION, see the module docstring):
 
@@ -245,6 +249,10 @@ class TRGLoss(nn.Module):
         check_temperature(context_temperature, "context_temperature")
         if num_sampled_tokens is not None and num_sampled_tokens < 1:
             raise KDConfigError(f"num_sampled_tokens must be >= 1 or None (all tokens), got {num_sampled_tokens}.")
+        weights = (ce_weight, kd_weight, node_weight, edge_weight, context_weight)
+        check_weights(**{f"{name}_weight": value for name, value in zip(_TERMS, weights, strict=True)})
+        if not any(map(active, weights)):
+            raise KDConfigError("TRGLoss: every weight is 0, so there is nothing to optimise.")
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.temperature = temperature
@@ -256,6 +264,11 @@ class TRGLoss(nn.Module):
         self.num_sampled_tokens = num_sampled_tokens
         self.last_indices: list[Tensor] = []
 
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of each term: ``ce``, ``kd``, ``node``, ``edge``, ``context``."""
+        return {name: getattr(self, f"{name}_weight") for name in _TERMS}
+
     def relation_terms(
         self,
         student_tokens: Tensor | Sequence[Tensor],
@@ -263,7 +276,7 @@ class TRGLoss(nn.Module):
         indices: Tensor | Sequence[Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """Weighted ``node`` / ``edge`` / ``context`` terms summed over the token pairs (non-zero weights only)."""
+        """Unweighted ``node`` / ``edge`` / ``context`` terms summed over the token pairs (non-zero weights only)."""
         students, teachers = _as_list(student_tokens), _as_list(teacher_tokens)
         if len(students) != len(teachers) or not students:
             raise KDConfigError(
@@ -290,11 +303,11 @@ class TRGLoss(nn.Module):
                 self.last_indices.append(idx)
                 s_nodes, t_nodes = gather_tokens(s, idx), gather_tokens(t, idx)
                 if self.node_weight:
-                    add("node", self.node_weight * node_loss(s_nodes, t_nodes))
+                    add("node", node_loss(s_nodes, t_nodes))
                 if self.edge_weight:
-                    add("edge", self.edge_weight * edge_loss(s_nodes, t_nodes, self.edge_temperature))
+                    add("edge", edge_loss(s_nodes, t_nodes, self.edge_temperature))
             if self.context_weight:
-                add("context", self.context_weight * contextual_loss(s, t, self.context_temperature))
+                add("context", contextual_loss(s, t, self.context_temperature))
         return parts
 
     def forward(
@@ -308,14 +321,11 @@ class TRGLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         check_logits(student_logits, teacher_logits, target)
-        parts: dict[str, Tensor] = {}
+        terms: dict[str, Tensor] = {}
         if self.ce_weight:
             flat = upcast(student_logits.reshape(-1, student_logits.shape[-1]))
-            parts["ce"] = self.ce_weight * F.cross_entropy(flat, target.reshape(-1))
+            terms["ce"] = F.cross_entropy(flat, target.reshape(-1))
         if self.kd_weight:
-            parts["kd"] = self.kd_weight * kd_kl_div(student_logits, teacher_logits, self.temperature)
-        parts.update(self.relation_terms(student_tokens, teacher_tokens, indices, generator))
-        if not parts:
-            raise KDConfigError("TRGLoss: every weight is 0, so there is nothing to optimise.")
-        total = sum(parts.values())
-        return {"loss": total, **parts}
+            terms["kd"] = kd_kl_div(student_logits, teacher_logits, self.temperature)
+        terms.update(self.relation_terms(student_tokens, teacher_tokens, indices, generator))
+        return weighted_terms(terms, self.weights)

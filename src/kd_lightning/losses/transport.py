@@ -22,6 +22,7 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import check_logits, check_temperature, upcast
 from kd_lightning.losses.divergences import entropy, forward_kl
 from kd_lightning.losses.schedule import ScheduledLoss
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 
 Marginals = Literal["unit", "uniform"]
 
@@ -172,6 +173,7 @@ class SinKDLoss(nn.Module, ScheduledLoss):
             raise KDConfigError(f"alpha must be in [0, 1], got {alpha}.")
         if kd_mode not in ("soft_ce", "kl"):
             raise KDConfigError(f"kd_mode must be 'soft_ce' or 'kl', got {kd_mode!r}.")
+        check_weights(sinkhorn_weight=sinkhorn_weight, sinkhorn_scale=sinkhorn_scale)
         self.alpha = alpha
         self.temperature = temperature
         self.sinkhorn_weight = sinkhorn_weight
@@ -223,7 +225,8 @@ class SinKDLoss(nn.Module, ScheduledLoss):
         check_temperature(temperature)
         s = upcast(student_logits.reshape(-1, student_logits.shape[-1]))
         t = upcast(teacher_logits.reshape(-1, teacher_logits.shape[-1])).detach()
-        ce = (1.0 - self.alpha) * F.cross_entropy(s, target.reshape(-1))
-        kd = self.alpha * self.kd_term(s, t, temperature)
-        sinkhorn = self.sinkhorn_weight * self.sinkhorn_scale * self.sinkhorn_term(s, t)
-        return {"loss": ce + kd + sinkhorn, "ce": ce, "kd": kd, "sinkhorn": sinkhorn}
+        terms = {"ce": F.cross_entropy(s, target.reshape(-1)), "kd": self.kd_term(s, t, temperature)}
+        if active(self.sinkhorn_weight):
+            terms["sinkhorn"] = self.sinkhorn_term(s, t)
+        weights = {"ce": 1.0 - self.alpha, "kd": self.alpha, "sinkhorn": self.sinkhorn_weight * self.sinkhorn_scale}
+        return weighted_terms(terms, weights)

@@ -16,6 +16,7 @@ from kd_lightning.methods.dbild import DBiLD
 from kd_lightning.methods.decoupled_kl import DecoupledKLDistill
 from kd_lightning.methods.dkd import DKD
 from kd_lightning.methods.dmae import DMAE
+from kd_lightning.methods.ensemble_kd import EnsembleKD
 from kd_lightning.methods.fitnet import FitNet
 from kd_lightning.methods.kl_mixing import KLMixingKD
 from kd_lightning.methods.lm_distill import LMDistill
@@ -57,6 +58,7 @@ __all__ = [
     "DBiLD",
     "DecoupledKLDistill",
     "DistillationModule",
+    "EnsembleKD",
     "FitNet",
     "GTSelfDistill",
     "KLMixingKD",

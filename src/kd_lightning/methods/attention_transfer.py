@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.feature import attention_transfer_loss
+from kd_lightning.losses.terms import check_weights, weighted_terms
 from kd_lightning.methods.feature_base import FeatureDistillationModule
 from kd_lightning.methods.fitnet import check_pairs, stage_layers
 
@@ -61,10 +62,7 @@ class AT(FeatureDistillationModule):
         check_pairs(s_layers, t_layers)
         if not p > 0:
             raise KDConfigError(f"model.init_args.p must be > 0, got {p}.")
-        if ce_weight < 0 or at_weight < 0:
-            raise KDConfigError(
-                f"model.init_args.ce_weight ({ce_weight}) and model.init_args.at_weight ({at_weight}) must be >= 0."
-            )
+        check_weights(ce_weight=ce_weight, at_weight=at_weight)
         self.p = p
         self.ce_weight = ce_weight
         self.at_weight = at_weight
@@ -91,6 +89,6 @@ class AT(FeatureDistillationModule):
         target: Tensor,
         batch: Any,
     ) -> dict[str, Tensor]:
-        ce = self.ce_weight * label_cross_entropy(student_logits, target)
-        at = self.at_weight * attention_transfer_loss(student_feats, teacher_feats, self.p)
-        return {"loss": ce + at, "ce": ce, "at": at}
+        ce = label_cross_entropy(student_logits, target)
+        at = attention_transfer_loss(student_feats, teacher_feats, self.p)
+        return weighted_terms({"ce": ce, "at": at}, {"ce": self.ce_weight, "at": self.at_weight})

@@ -145,9 +145,10 @@ class BDKD(ClassificationDistillation):
 
         batch_size = y.numel()
         w_f, w_r = self.criterion.weights(student_logits, teacher_logits)
+        zero = parts["loss"].new_zeros(())  # terms of weight 0 are absent
         extras = {
-            "student_loss": parts["ce"] + parts["kd_forward"] + parts["kd_reverse"],
-            "teacher_loss": parts["teacher_ce"] + parts["teacher_kl"],
+            "student_loss": sum((parts.get(k, zero) for k in ("ce", "kd_forward", "kd_reverse")), zero),
+            "teacher_loss": sum((parts.get(k, zero) for k in ("teacher_ce", "teacher_kl")), zero),
             "reverse_share": (w_r / (w_f + w_r).clamp_min(torch.finfo(w_r.dtype).tiny)).mean(),
         }
         self.log_terms("train", {**parts, **extras}, batch_size=batch_size)

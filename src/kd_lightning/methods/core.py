@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -33,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -42,7 +45,15 @@ from kd_lightning.errors import ConfigFieldPrefix, KDConfigError, TrainingDiverg
 from kd_lightning.losses.schedule import Progress, ScheduledLoss
 from kd_lightning.models.checkpoints import CheckpointKey, check_checkpoint_exists, load_weights
 
-__all__ = ["DistillationModule", "RandomStateCheckpoint", "config_managed", "describe", "first_tensor"]
+__all__ = [
+    "DistillationModule",
+    "ExpectedWarnings",
+    "RandomStateCheckpoint",
+    "config_managed",
+    "describe",
+    "first_tensor",
+    "probe_optimizer",
+]
 
 #: ``teacher_precision`` -> autocast dtype (``None``: no autocast).
 AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -131,6 +142,55 @@ class RandomStateCheckpoint(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class ExpectedWarnings(Callback):
+    """Mutes, for one ``trainer.fit/validate/test`` call (``setup`` to ``teardown``), Lightning warnings that are
+    expected here and that a user cannot act on; every other warning is left alone. Every
+    :class:`DistillationModule` adds it.
+
+    - ``Found N module(s) in eval mode at the start of training`` when the N modules are exactly the frozen
+      teachers' (kept in eval mode on purpose); a student with modules in eval mode still warns.
+    - ``The '...' does not have many workers`` for data modules whose data sit in memory (``num_workers``
+      is 0 and is their default, e.g. the digits, text and RadioML modules).
+    - torch's ``isinstance(treespec, LeafSpec)`` deprecation, raised inside Lightning's data loading.
+    """
+
+    def __init__(self) -> None:
+        self._context: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.teardown(trainer, pl_module, stage)
+        self._context = warnings.catch_warnings()
+        self._context.__enter__()
+        teachers = getattr(pl_module, "teachers", None)
+        if teachers is not None and len(teachers) and not getattr(pl_module, "trains_teacher", False):
+            frozen = len({id(m) for network in teachers.values() for m in network.modules()})
+            warnings.filterwarnings(
+                "ignore", rf"Found {frozen} module\(s\) in eval mode at the start of training", PossibleUserWarning
+            )
+        if _in_memory_data(trainer.datamodule):
+            warnings.filterwarnings("ignore", r"The '\w+' does not have many workers", PossibleUserWarning)
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "")
+
+
+def _in_memory_data(datamodule: Any) -> bool:
+    """Whether a data module runs without worker processes by design: ``num_workers`` is 0, its default."""
+    if getattr(datamodule, "num_workers", None) != 0:
+        return False
+    try:
+        default = inspect.signature(type(datamodule).__init__).parameters["num_workers"].default
+    except (KeyError, TypeError, ValueError):
+        return False
+    return default == 0
+
+
 def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook: give a 4-D first input the channels-last memory format."""
     if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
@@ -178,15 +238,17 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
             the batch (one host sync per check; ``0`` disables the check).
 
     Only the student and the method's own trainable parts are optimised. A method that trains its teacher
-    sets ``trains_teacher = True``; a task's supervised module sets ``requires_teacher = False``.
+    sets ``trains_teacher = True``; a task's supervised module sets ``requires_teacher = takes_teacher = False``.
     """
 
     #: Prefix of the config fields named in constructor errors (see :class:`~kd_lightning.errors.ConfigFieldPrefix`).
     config_prefix: ClassVar[str] = "model.init_args."
     #: The method updates its teacher (online KD); otherwise teachers are frozen and in eval mode.
     trains_teacher: ClassVar[bool] = False
-    #: The method needs at least one teacher (``False`` for supervised training of one network).
+    #: The method needs at least one teacher.
     requires_teacher: ClassVar[bool] = True
+    #: The method accepts teachers at all (``False`` for supervised training of one network).
+    takes_teacher: ClassVar[bool] = True
     #: The module ``kd fit`` trains a missing teacher with (the task's supervised module), called as
     #: ``teacher_training_module(model=network, optimizer=..., lr_scheduler=..., **task_arguments)``.
     teacher_training_module: ClassVar[type[DistillationModule] | None] = None
@@ -220,8 +282,11 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
         super().__init__()
         self._save_config()
         _check_callable("optimizer", optimizer, Optimizer, "torch.optim.SGD")
+        probe_optimizer("model.init_args.optimizer", optimizer)
         if lr_scheduler is not None:
-            _check_callable("lr_scheduler", lr_scheduler, torch.optim.lr_scheduler.LRScheduler, "MultiStepLR")
+            _check_callable(
+                "lr_scheduler", lr_scheduler, torch.optim.lr_scheduler.LRScheduler, "torch.optim.lr_scheduler.StepLR"
+            )
         if lr_scheduler_interval not in ("epoch", "step"):
             raise KDConfigError("lr_scheduler_interval", f"must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
         if teacher_precision not in AUTOCAST_DTYPES:
@@ -284,7 +349,7 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
             raise KDConfigError(
                 "teacher", f"{type(self).__name__} distils from a teacher and none was given", "set teacher: ..."
             )
-        if not self.requires_teacher and named:
+        if not self.takes_teacher and named:
             raise KDConfigError("teacher", f"{type(self).__name__} trains one network and takes no teacher")
         return named
 
@@ -556,8 +621,11 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
             self.log("train/samples_per_sec", rate, on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Exact resume: the random states travel with every checkpoint (:class:`RandomStateCheckpoint`)."""
-        return [RandomStateCheckpoint()]
+        """Exact resume: the random states travel with every checkpoint (:class:`RandomStateCheckpoint`); expected
+        Lightning warnings are muted (:class:`ExpectedWarnings`)."""
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        wanted: list[Callback] = [RandomStateCheckpoint(), ExpectedWarnings()]
+        return [c for c in wanted if not any(isinstance(have, type(c)) for have in callbacks)]
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -630,12 +698,32 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
         return path
 
 
+def probe_optimizer(field: str, factory: Any) -> None:
+    """Build the optimizer once on a dummy parameter, so that a setting torch rejects (a negative lr, betas out
+    of range) fails at construction, not after a teacher's training; other failures are left to the real build.
+
+    Raises:
+        KDConfigError: naming ``field`` and torch's complaint (``Invalid learning rate: -0.1``).
+    """
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except ValueError as err:
+        message = " ".join(str(err).split())
+        if message.startswith("Invalid"):  # torch.optim's own argument checks: "Invalid learning rate: -0.1"
+            names = {"learning rate": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "beta": "betas"}
+            name = next((arg for words, arg in names.items() if words in message), None)
+            where = f"{field}.init_args.{name}" if name else field
+            raise KDConfigError(where, message, "check the optimizer's init_args") from None
+    except Exception:  # e.g. an optimizer that needs real parameters: checked when training starts
+        pass
+
+
 def _check_callable(field: str, value: Any, instance_type: type, example: str) -> None:
     if isinstance(value, instance_type):
         raise KDConfigError(
             field,
             f"is a built {type(value).__name__}; it must be a callable that builds one",
-            f"in a config give class_path + init_args; in Python e.g. functools.partial(torch.optim.{example}, ...)",
+            f"in a config give class_path + init_args; in Python e.g. functools.partial({example}, ...)",
         )
     if not callable(value):
         raise KDConfigError(field, f"must be a callable, got {type(value).__name__}")

@@ -12,6 +12,7 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.contrastive import SAMPLING_MODES, CRDLoss, Sampling
 from kd_lightning.losses.logit import kd_kl_div
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 from kd_lightning.methods.feature_base import FeatureDistillationModule, default_layers
 
 __all__ = ["CRD"]
@@ -96,15 +97,13 @@ class CRD(FeatureDistillationModule):
             ("nce_temperature", nce_temperature, nce_temperature > 0, "> 0"),
             ("momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)"),
             ("sampling", sampling, sampling in SAMPLING_MODES, f"one of {SAMPLING_MODES}"),
-            ("ce_weight", ce_weight, ce_weight >= 0, ">= 0"),
-            ("crd_weight", crd_weight, crd_weight >= 0, ">= 0"),
-            ("kd_weight", kd_weight, kd_weight >= 0, ">= 0"),
             ("kd_temperature", kd_temperature, kd_temperature > 0, "> 0"),
             ("num_samples", num_samples, num_samples is None or num_samples >= 2, ">= 2 or null"),
         )
         for name, value, ok, wanted in checks:
             if not ok:
                 raise KDConfigError(f"model.init_args.{name} must be {wanted}, got {value!r}.")
+        check_weights(ce_weight=ce_weight, crd_weight=crd_weight, kd_weight=kd_weight)
         super().__init__(
             student, teacher, student_layers=s_layers, teacher_layers=t_layers, clone_features=clone_features, **kwargs
         )
@@ -262,10 +261,7 @@ class CRD(FeatureDistillationModule):
         if not self._indices_checked:
             self._check_indices(index)
         crd = self.crd(student_feats[0], teacher_feats[0], index, update=True)["loss"]
-        ce = label_cross_entropy(student_logits, target)
-        parts = {"ce": self.ce_weight * ce, "crd": self.crd_weight * crd}
-        if self.kd_weight > 0:
-            parts["kd"] = self.kd_weight * kd_kl_div(
-                student_logits.float(), teacher_logits.float(), self.kd_temperature
-            )
-        return {"loss": sum(parts.values()), **parts}  # type: ignore[dict-item]
+        terms = {"ce": label_cross_entropy(student_logits, target), "crd": crd}
+        if active(self.kd_weight):
+            terms["kd"] = kd_kl_div(student_logits.float(), teacher_logits.float(), self.kd_temperature)
+        return weighted_terms(terms, {"ce": self.ce_weight, "crd": self.crd_weight, "kd": self.kd_weight})

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.divergences import entropy, forward_kl, reverse_kl
 from kd_lightning.losses.lm import shift_for_next_token
+from kd_lightning.losses.terms import weighted_terms
 from kd_lightning.methods.tasks.language_model import (
     IGNORE_INDEX,
     LanguageModelDistillation,
@@ -322,19 +323,17 @@ class DecoupledKLDistill(LanguageModelDistillation):
         s, y, mask = shift_for_next_token(student, labels)
         t = teacher[:, :-1]
         tau, lam = self.temperature, self.reverse_weight
-        parts: dict[str, Tensor] = {}
+        terms: dict[str, Tensor] = {}
         if self.token_kl in ("forward", "mixed"):
-            weight = 1.0 if self.token_kl == "forward" else 1.0 - lam
-            parts["forward_kl"] = weight * forward_kl(s, t, tau, mask, reduction="none").sum()
-        if self.token_kl in ("reverse", "mixed"):
-            weight = 1.0 if self.token_kl == "reverse" else lam
-            if self.reverse_estimator == "sampled_token":
-                estimate, _ = sampled_token_reverse_kl(s, t, y, mask, tau)
-                parts["sampled_token"] = weight * estimate
-            else:
-                parts["reverse_kl"] = weight * reverse_kl(s, t, tau, mask, reduction="none").sum()
-        total = sum(parts.values())  # "mixed": λ·KL(q ‖ p_T) + (1 − λ)·KL(p_T ‖ q)
-        return {"loss": total, **{k: v.detach() for k, v in parts.items()}}, mask.sum()
+            terms["forward_kl"] = forward_kl(s, t, tau, mask, reduction="none").sum()
+        if self.token_kl in ("reverse", "mixed") and self.reverse_estimator == "sampled_token":
+            terms["sampled_token"] = sampled_token_reverse_kl(s, t, y, mask, tau)[0]
+        elif self.token_kl in ("reverse", "mixed"):
+            terms["reverse_kl"] = reverse_kl(s, t, tau, mask, reduction="none").sum()
+        # "mixed": λ·KL(q ‖ p_T) + (1 − λ)·KL(p_T ‖ q)
+        weights = {"forward_kl": 1.0 - lam, "sampled_token": lam, "reverse_kl": lam} if self.token_kl == "mixed" else {}
+        parts = weighted_terms(terms, weights)
+        return {"loss": parts.pop("loss"), **{k: v.detach() for k, v in parts.items()}}, mask.sum()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)

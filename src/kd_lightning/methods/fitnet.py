@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.feature import hint_loss
+from kd_lightning.losses.terms import check_weights, weighted_terms
 from kd_lightning.methods.feature_base import FeatureDistillationModule, default_layers
 
 __all__ = ["FitNet", "HintRegressor", "stage_layers"]
@@ -151,10 +152,7 @@ class FitNet(FeatureDistillationModule):
         s_layers = stage_layers(student, "student_layers", student_layers, hint, preact)
         t_layers = stage_layers(teacher, "teacher_layers", teacher_layers, hint, preact)
         check_pairs(s_layers, t_layers)
-        if ce_weight < 0 or hint_weight < 0:
-            raise KDConfigError(
-                f"model.init_args.ce_weight ({ce_weight}) and model.init_args.hint_weight ({hint_weight}) must be >= 0."
-            )
+        check_weights(ce_weight=ce_weight, hint_weight=hint_weight)
         # Read by build_parts, which runs inside super().__init__ when input_shape is given.
         self.ce_weight = ce_weight
         self.hint_weight = hint_weight
@@ -185,7 +183,6 @@ class FitNet(FeatureDistillationModule):
         batch: Any,
     ) -> dict[str, Tensor]:
         ce = label_cross_entropy(student_logits, target)
-        terms = [hint_loss(reg(s), t) for reg, s, t in zip(self.regressors, student_feats, teacher_feats)]
-        hint = self.hint_weight * sum(terms[1:], terms[0])
-        ce = self.ce_weight * ce
-        return {"loss": ce + hint, "ce": ce, "hint": hint}
+        hints = [hint_loss(reg(s), t) for reg, s, t in zip(self.regressors, student_feats, teacher_feats)]
+        terms = {"ce": ce, "hint": sum(hints[1:], hints[0])}
+        return weighted_terms(terms, {"ce": self.ce_weight, "hint": self.hint_weight})

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.divergences import entropy
 from kd_lightning.losses.kl_mixing import MixedKLLoss
 from kd_lightning.methods.tasks.classification import ClassificationDistillation
@@ -50,10 +49,6 @@ class KLMixingKD(ClassificationDistillation):
         **kwargs: Any,
     ) -> None:
         super().__init__(student=student, teacher=teacher, **kwargs)
-        if not 0.0 <= reverse_weight <= 1.0:
-            raise KDConfigError(f"model.init_args.reverse_weight must be in [0, 1], got {reverse_weight}.")
-        if not temperature > 0:
-            raise KDConfigError(f"model.init_args.temperature must be > 0, got {temperature}.")
         self.criterion = MixedKLLoss(reverse_weight, temperature, ce_weight, kd_weight)
 
     def build_metrics(self) -> None:

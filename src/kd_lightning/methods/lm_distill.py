@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -10,17 +9,11 @@ from torch import Tensor, nn
 
 from kd_lightning.data.teacher_logits import TeacherLogitStore
 from kd_lightning.errors import KDConfigError
-from kd_lightning.losses.adakd import AdaKDLoss
-from kd_lightning.losses.bild import BiLDLoss, DBiLDLoss, dynamic_logit_difference_kl, logit_difference_kl
-from kd_lightning.losses.lm import TOKEN_OBJECTIVES, shift_for_next_token, token_objective
+from kd_lightning.losses.lm import shift_for_next_token
+from kd_lightning.losses.lm_objectives import build_token_objective
 from kd_lightning.losses.sparse import sparse_kl
-from kd_lightning.losses.taid import TAIDLoss, taid_loss
+from kd_lightning.losses.terms import active, check_weights, weighted_terms
 from kd_lightning.methods.tasks.language_model import LanguageModelDistillation, lm_batch, masked_token_cross_entropy
-
-#: Objectives with their own state or arguments, built from the existing losses (token-level here).
-SCHEDULED_OBJECTIVES = ("taid", "adakd", "bild", "dbild")
-#: Their arguments that the method's own ``kd_weight``/``ce_weight`` replace.
-_OWN_WEIGHTS = {"taid": "distil_ratio", "adakd": "kd_ratio", "bild": "ce_weight", "dbild": "ce_weight"}
 
 
 class LMDistill(LanguageModelDistillation):
@@ -28,7 +21,8 @@ class LMDistill(LanguageModelDistillation):
 
     ``L = Σ_{valid t} [w_KD·D_t + w_CE·CE(z_t, y_{t+1})] / N_valid`` with ``N_valid`` counted over the
     gradient-accumulation group and the DDP ranks (:class:`~kd_lightning.methods.LanguageModelDistillation`).
-    ``D`` is ``objective``:
+    ``D`` is ``objective``, built by :func:`~kd_lightning.losses.lm_objectives.build_token_objective`
+    (``self.criterion``):
 
     - a name of :data:`kd_lightning.losses.lm.TOKEN_OBJECTIVES` (``forward_kl`` = KD/SFT direction,
       ``reverse_kl``, ``jsd`` (GKD's generalised JSD, ``beta``), ``skew_kl``/``skew_reverse_kl``
@@ -85,20 +79,14 @@ class LMDistill(LanguageModelDistillation):
         **kwargs: Any,
     ) -> None:
         super().__init__(student=student, teacher=teacher, **kwargs)
-        args = dict(objective_args or {})
-        known = sorted(TOKEN_OBJECTIVES) + list(SCHEDULED_OBJECTIVES)
-        if objective not in known:
-            raise KDConfigError(f"model.init_args.objective must be one of {known}, got {objective!r}.")
-        if not temperature > 0:
-            raise KDConfigError(f"model.init_args.temperature must be > 0, got {temperature}.")
-        if kd_weight < 0 or ce_weight < 0 or kd_weight + ce_weight == 0:
-            raise KDConfigError(
-                f"model.init_args.kd_weight and ce_weight must be >= 0 and not both 0, got {kd_weight} and {ce_weight}."
-            )
+        check_weights(kd_weight=kd_weight, ce_weight=ce_weight)
+        if not (active(kd_weight) or active(ce_weight)):
+            raise KDConfigError("kd_weight and ce_weight", "are both 0", "give one of them a positive weight")
         if chunk_size < 1:
             raise KDConfigError(f"model.init_args.chunk_size must be >= 1, got {chunk_size}.")
+        self.criterion = build_token_objective(objective, objective_args, temperature)
         self.objective = objective
-        self.objective_args = args
+        self.objective_args = dict(objective_args or {})
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
@@ -107,23 +95,6 @@ class LMDistill(LanguageModelDistillation):
         self.teacher_logits_path = teacher_logits_path
         self.sparse_tail = sparse_tail
         self._store: Any = None
-        self.objective_fn = None
-        if objective in SCHEDULED_OBJECTIVES:
-            self.criterion = self._build_scheduled(objective, args)
-            if temperature != 1.0:
-                raise KDConfigError(
-                    f"model.init_args.temperature applies to the registry objectives; {objective!r} takes its "
-                    "temperature (if any) in objective_args."
-                )
-        else:
-            if "temperature" in args:
-                raise KDConfigError(
-                    "model.init_args.objective_args.temperature: set model.init_args.temperature instead."
-                )
-            try:
-                self.objective_fn = token_objective(objective, **args)
-            except (TypeError, ValueError) as err:
-                raise KDConfigError(f"model.init_args.objective_args for {objective!r}: {err}") from None
         if chunked:
             self._check_chunked()
         if teacher_logits_path is not None:
@@ -136,19 +107,6 @@ class LMDistill(LanguageModelDistillation):
                 raise KDConfigError("model.init_args.chunked and teacher_logits_path cannot be combined.")
 
     # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _build_scheduled(objective: str, args: dict[str, Any]) -> nn.Module:
-        own = _OWN_WEIGHTS[objective]
-        if own in args:
-            raise KDConfigError(
-                f"model.init_args.objective_args.{own} is replaced by the method's kd_weight/ce_weight: remove it."
-            )
-        cls = {"taid": TAIDLoss, "adakd": AdaKDLoss, "bild": BiLDLoss, "dbild": DBiLDLoss}[objective]
-        try:
-            return cls(**args)
-        except (TypeError, ValueError) as err:
-            raise KDConfigError(f"model.init_args.objective_args for {objective!r}: {err}") from None
-
     def _check_chunked(self) -> None:
         from kd_lightning.losses.chunked import CHUNK_OBJECTIVES
 
@@ -178,56 +136,19 @@ class LMDistill(LanguageModelDistillation):
         return super().token_loss_sums(batch)
 
     def distillation_sums(self, student: Tensor, teacher: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        kd = self.kd_weight * self._objective_sum(student, teacher, mask)
-        parts = {self.objective: kd}
-        if self.ce_weight > 0:
-            parts["ce"] = self.ce_weight * masked_token_cross_entropy(student, targets, mask).sum()
-        return {"loss": sum(parts.values()), **parts}
+        return self.with_ce(self.criterion.token_sum(student, teacher, mask), student, targets, mask)
 
-    def _objective_sum(self, s: Tensor, t: Tensor, mask: Tensor) -> Tensor:
-        if self.objective_fn is not None:
-            return self.objective_fn(s, t, mask=mask, temperature=self.temperature, reduction="sum")
-        criterion = self.criterion
-        num_valid = mask.sum().clamp_min(1)
-        if self.objective == "taid":
-            total = taid_loss(s, t, criterion.t, mask, criterion.objective, reduction="none").sum()
-            if criterion.training:
-                criterion.record(total.detach() / num_valid)
-            return total
-        if self.objective == "adakd":
-            per_item, selected, temperatures = criterion.distillation_terms(s, t, mask)
-            num_selected = selected.sum().clamp_min(1)
-            with torch.no_grad():
-                criterion.last_selected_fraction = float(selected.sum() / num_valid)
-                chosen = temperatures[selected]
-                criterion.last_mean_temperature = float(chosen.mean()) if chosen.numel() else math.nan
-            mean_selected = per_item.sum() / num_selected
-            if criterion.training:
-                criterion.record(mean_selected.detach())
-            return mean_selected * num_valid
-        total = torch.zeros((), dtype=torch.float32, device=s.device)
-        for leader in ("teacher", "student"):
-            if self.objective == "bild":
-                per_item = logit_difference_kl(
-                    s, t, criterion.top_k, criterion.temperature, leader, 0.0, mask, reduction="none"
-                )
-            else:
-                per_item = dynamic_logit_difference_kl(
-                    s,
-                    t,
-                    leader,
-                    criterion.mass,
-                    criterion.k_min,
-                    criterion.k_max,
-                    criterion.temperature,
-                    criterion.mass_temperature,
-                    criterion.k_source,
-                    criterion.reverse_weight,
-                    mask,
-                    reduction="none",
-                )
-            total = total + criterion.kd_weight * per_item.sum()
-        return total
+    def with_ce(self, kd: Tensor, student: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """``w_KD·kd + w_CE·Σ CE`` over the tokens of ``mask``, as named terms (``kd`` is ``Σ D``)."""
+        terms = {self.objective: kd}
+        if active(self.ce_weight):
+            terms["ce"] = masked_token_cross_entropy(student, targets, mask).sum()
+        return weighted_terms(terms, self.loss_weights)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """``{objective: kd_weight, "ce": ce_weight}``."""
+        return {self.objective: self.kd_weight, "ce": self.ce_weight}
 
     def _chunked_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         from kd_lightning.losses.chunked import chunked_distillation_loss
@@ -271,10 +192,8 @@ class LMDistill(LanguageModelDistillation):
             **teacher_kwargs,
             **self.objective_args,
         )
-        named = {self.objective: self.kd_weight * parts["kd"]}
-        if self.ce_weight > 0:
-            named["ce"] = self.ce_weight * parts["ce"]
-        return {"loss": loss, **named}, mask.sum()
+        named = weighted_terms({self.objective if k == "kd" else k: v for k, v in parts.items()}, self.loss_weights)
+        return {**named, "loss": loss}, mask.sum()
 
     # ------------------------------------------------------------------ offline teacher logits
     def setup(self, stage: str) -> None:
@@ -317,10 +236,7 @@ class LMDistill(LanguageModelDistillation):
                     f"the student predicts {s.shape[-1]} tokens but the stored teacher logits index a vocabulary of "
                     f"{vocab_t}: build the student with vocab_size >= {vocab_t}."
                 )
-        kd = self.kd_weight * sparse_kl(
+        kd = sparse_kl(
             s[..., :vocab_t], targets, mask, tail=self.sparse_tail, temperature=self.temperature, reduction="sum"
         )
-        parts = {self.objective: kd}
-        if self.ce_weight > 0:
-            parts["ce"] = self.ce_weight * masked_token_cross_entropy(s, y, mask).sum()
-        return {"loss": sum(parts.values()), **parts}, mask.sum()
+        return self.with_ce(kd, s, y, mask), mask.sum()

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.relation import RKDLoss
+from kd_lightning.losses.terms import check_weights, weighted_terms
 from kd_lightning.methods.feature_base import FeatureDistillationModule
 from kd_lightning.methods.fitnet import check_pairs, stage_layers
 
@@ -60,15 +60,7 @@ class RKD(FeatureDistillationModule):
         s_layers = stage_layers(student, "student_layers", student_layers, last)
         t_layers = stage_layers(teacher, "teacher_layers", teacher_layers, last)
         check_pairs(s_layers, t_layers)
-        for name, value in (
-            ("ce_weight", ce_weight),
-            ("rkd_weight", rkd_weight),
-            ("distance_weight", distance_weight),
-            ("angle_weight", angle_weight),
-            ("eps", eps),
-        ):
-            if value < 0:
-                raise KDConfigError(f"model.init_args.{name} must be >= 0, got {value}.")
+        check_weights(ce_weight=ce_weight, rkd_weight=rkd_weight)
         self.ce_weight = ce_weight
         self.rkd_weight = rkd_weight
         super().__init__(student, teacher, student_layers=s_layers, teacher_layers=t_layers, **kwargs)
@@ -86,8 +78,8 @@ class RKD(FeatureDistillationModule):
         target: Tensor,
         batch: Any,
     ) -> dict[str, Tensor]:
-        ce = self.ce_weight * label_cross_entropy(student_logits, target)
+        ce = label_cross_entropy(student_logits, target)
         pairs = [self.criterion(s, t) for s, t in zip(student_feats, teacher_feats)]
-        distance = self.rkd_weight * torch.stack([p["distance"] for p in pairs]).sum()
-        angle = self.rkd_weight * torch.stack([p["angle"] for p in pairs]).sum()
-        return {"loss": ce + distance + angle, "ce": ce, "rkd_distance": distance, "rkd_angle": angle}
+        terms = {f"rkd_{k}": torch.stack([p[k] for p in pairs]).sum() for k in pairs[0] if k != "loss"}
+        weights = {"ce": self.ce_weight, "rkd_distance": self.rkd_weight, "rkd_angle": self.rkd_weight}
+        return weighted_terms({"ce": ce, **terms}, weights)

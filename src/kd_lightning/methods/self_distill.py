@@ -7,7 +7,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
-from kd_lightning.losses.self_distill import GTSelfDistillLoss, SelfDistillLossKind, parameter_norm_penalty
+from kd_lightning.losses.self_distill import GTSelfDistillLoss, SelfDistillLossKind
+from kd_lightning.losses.terms import check_weights
 from kd_lightning.methods.tasks.classification import ClassificationDistillation
 
 
@@ -45,12 +46,11 @@ class GTSelfDistill(ClassificationDistillation):
         **kwargs: Any,
     ) -> None:
         super().__init__(student=student, teacher=teacher, **kwargs)
-        if reg_coef < 0:
-            raise KDConfigError(f"model.init_args.reg_coef must be >= 0, got {reg_coef}.")
+        check_weights(reg_coef=reg_coef)
         if same_architecture:
             self._check_same_architecture()
         try:
-            self.criterion = GTSelfDistillLoss(alpha=alpha, loss=loss, temperature=temperature)
+            self.criterion = GTSelfDistillLoss(alpha=alpha, loss=loss, temperature=temperature, reg_coef=reg_coef)
         except ValueError as err:
             raise KDConfigError(f"model.init_args: {err}") from None
         self.alpha = alpha
@@ -71,8 +71,4 @@ class GTSelfDistill(ClassificationDistillation):
         x, y = self.unpack(batch)
         student_logits = self.student(x)
         teacher_logits = self.teacher_forward(x) if self.criterion.uses_teacher else None
-        parts = self.criterion(student_logits, teacher_logits, y)
-        if self.reg_coef > 0:
-            reg = self.reg_coef * parameter_norm_penalty(p for p in self.student.parameters() if p.requires_grad)
-            parts = {**parts, "loss": parts["loss"] + reg, "reg": reg}
-        return parts, student_logits
+        return self.criterion(student_logits, teacher_logits, y, self.student.parameters()), student_logits

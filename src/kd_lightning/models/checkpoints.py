@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -67,9 +68,12 @@ def check_checkpoint_exists(path: str | Path, field: str = "teacher_ckpt") -> No
     """Raise :class:`TeacherCheckpointError` naming ``field`` when ``path`` is not a file."""
     path = Path(path).expanduser()
     if not path.is_file():
+        if "teacher_ckpt" in field:
+            fix = f"set {field} to null to let `kd fit` train the teacher first and cache it"
+        else:
+            fix = "kd fit prints the paths of the checkpoints it writes (runs/.../checkpoints/last.ckpt)"
         raise TeacherCheckpointError(
-            f"{field}: no file at {path.resolve()}. Give the path of a trained checkpoint, or set {field} "
-            "to null to let `kd fit` train the teacher first and cache it."
+            f"{field}: no file at {path.resolve()}. Give the path of a trained checkpoint, or {fix}."
         )
 
 
@@ -103,7 +107,16 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint", trust: bool | N
             "can run code hidden in the file. If you created or fully trust it, pass --trust_checkpoint true "
             "(Python: trust=True); otherwise re-save only its tensors: torch.save(state_dict, 'weights.pt')."
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        IndexError,
+        KeyError,
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+    ) as err:  # a text file, a truncated file, another format
         raise _not_a_checkpoint(path, field, err) from None
 
 
@@ -122,13 +135,16 @@ def _unsupported_global(message: str) -> str:
         if marker in message:
             name = message.split(marker, 1)[1].split()[0].rstrip(".,")
             return f" ({name})"
+    match = re.search(r"Unsupported operand (\d+)", message)
+    if match:  # e.g. a legacy (non-zip) file pickled with protocol >= 4: the safe loader cannot even tell
+        return f" (or uses pickle opcode {match.group(1)}, which torch's weights-only loader cannot read)"
     return ""
 
 
 def _not_a_checkpoint(path: Path, field: str, err: BaseException) -> TeacherCheckpointError:
     size = path.stat().st_size if path.exists() else 0
     return TeacherCheckpointError(
-        f"{field}: {path} is not a readable checkpoint ({size} bytes; {type(err).__name__}: "
+        f"{field}: {path} is not a checkpoint ({size} bytes that torch.load cannot read: {type(err).__name__}: "
         f"{one_line(str(err), 120)}). It may be truncated or another format: point {field} at a file written by "
         "torch.save or Lightning, or set it to null to train the teacher."
     )
@@ -273,12 +289,12 @@ def load_weights(
         raise
     except TeacherCheckpointError as err:
         message = str(err)
-        raise TeacherCheckpointError(message if message.startswith(field) else f"{field}={path}: {message}") from None
+        raise TeacherCheckpointError(message if message.startswith(field) else f"{field}: {path}: {message}") from None
     except RuntimeError as err:  # size mismatch, e.g. a 10-class checkpoint for a 100-class model
         lines = str(err).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[:4])
         raise TeacherCheckpointError(
-            f"{field}={path} does not fit {type(module).__name__}: {detail}. Are num_classes and "
+            f"{field}: {path} does not fit {type(module).__name__}: {detail}. Are num_classes and "
             "the architecture's arguments the ones the checkpoint was trained with?"
         ) from None
     return module

@@ -26,7 +26,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,12 +34,13 @@ import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from kd_lightning.errors import KDConfigError, TrainingDivergedError
-from kd_lightning.methods.core import DistillationModule
+from kd_lightning.methods.core import DistillationModule, probe_optimizer
 
 __all__ = ["CachedTeacher", "TeacherTraining", "reset_parameters"]
 
@@ -74,10 +75,10 @@ def _sha256(path: Path) -> str:
 class CachedTeacher:
     """One cache entry: ``<folder>/teacher.safetensors`` + ``teacher.json``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, weights_name: str = WEIGHTS_FILE, sidecar_name: str = SIDECAR_FILE) -> None:
         self.folder = Path(folder)
-        self.weights = self.folder / WEIGHTS_FILE
-        self.sidecar = self.folder / SIDECAR_FILE
+        self.weights = self.folder / weights_name
+        self.sidecar = self.folder / sidecar_name
 
     def problem(self) -> str | None:
         """``None`` when the entry is complete and intact, else what is wrong with it."""
@@ -161,6 +162,7 @@ class TeacherTraining:
             raise KDConfigError("teacher_training.label_smoothing", f"must be in [0, 1), got {label_smoothing}")
         if wait_seconds <= 0:
             raise KDConfigError("teacher_training.wait_seconds", f"must be > 0, got {wait_seconds}")
+        probe_optimizer("teacher_training.optimizer", optimizer)
         self.enabled = enabled
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -186,6 +188,7 @@ class TeacherTraining:
         description: Mapping[str, Any] | None = None,
         progress_bar: bool | None = None,
         field: str = "model.init_args.teacher",
+        callbacks: Sequence[Callback] = (),
     ) -> tuple[Path, bool]:
         """Return ``(weights path, trained_now)`` of the cached teacher for ``key``, training it if missing.
 
@@ -195,6 +198,7 @@ class TeacherTraining:
             datamodule: the run's data module.
             key: the cache key.
             field: the config field of this teacher (for messages).
+            callbacks: extra callbacks of the teacher's Trainer (the kd CLI's per-epoch progress lines).
         """
         entry = self.entry(key, type(teacher).__name__)
         entry.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +215,16 @@ class TeacherTraining:
                     )
                     shutil.rmtree(entry.folder, ignore_errors=True)
                 self._train(
-                    method, teacher, datamodule, entry, accelerator, precision, description or {}, progress_bar, field
+                    method,
+                    teacher,
+                    datamodule,
+                    entry,
+                    accelerator,
+                    precision,
+                    description or {},
+                    progress_bar,
+                    field,
+                    callbacks=callbacks,
                 )
                 return entry.weights, True
         except Timeout:
@@ -251,6 +264,7 @@ class TeacherTraining:
         description: Mapping[str, Any],
         progress_bar: bool | None,
         field: str,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         network = copy.deepcopy(teacher).requires_grad_(True).train()
         reset_parameters(network, self.seed)
@@ -274,9 +288,12 @@ class TeacherTraining:
                 enable_model_summary=False,
                 enable_progress_bar=progress_bar,
                 num_sanity_val_steps=0,
+                callbacks=list(callbacks),
             )
             full = getattr(datamodule, "full_training_set", None)
-            with full() if callable(full) else contextlib.nullcontext():
+            with full() if callable(full) else contextlib.nullcontext(), warnings.catch_warnings():
+                # The teacher's Trainer is ours, not the user's: its logging interval is not theirs to tune.
+                warnings.filterwarnings("ignore", r"The number of training batches \(\d+\) is smaller than the logging")
                 trainer.fit(module, datamodule=datamodule)
             metrics = {
                 k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1

@@ -23,13 +23,13 @@ class UnsafePickleError(pickle.UnpicklingError):
     """A pickle names a global outside :data:`ALLOWED_GLOBALS` (it could run code when loaded)."""
 
 
-def _numpy_multiarray(name: str) -> Any:
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+def _numpy_core(submodule: str, name: str) -> Any:
+    for module in (f"numpy._core.{submodule}", f"numpy.core.{submodule}"):
         try:
             return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             continue
-    raise UnsafePickleError(f"numpy has no multiarray.{name}")  # pragma: no cover - numpy always has both
+    raise UnsafePickleError(f"numpy has no {submodule}.{name}")  # pragma: no cover - numpy always has both
 
 
 def _numpy(name: str) -> Any:
@@ -43,10 +43,13 @@ def _numpy(name: str) -> Any:
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): lambda: _numpy("ndarray"),
     ("numpy", "dtype"): lambda: _numpy("dtype"),
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_multiarray("_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_multiarray("_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): lambda: _numpy_multiarray("scalar"),
-    ("numpy._core.multiarray", "scalar"): lambda: _numpy_multiarray("scalar"),
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_core("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_core("multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): lambda: _numpy_core("multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"): lambda: _numpy_core("multiarray", "scalar"),
+    # Protocol 5 (Python 3.14's default) stores arrays as ``_frombuffer(bytes, dtype, shape, order)``.
+    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_core("numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_core("numeric", "_frombuffer"),
     # Protocol-2 pickles written by Python 3 encode ``bytes`` as ``_codecs.encode(text, "latin1")``.
     ("_codecs", "encode"): lambda: codecs.encode,
 }

@@ -26,8 +26,11 @@ from kd_lightning.methods.core import DistillationModule, describe
 __all__ = ["ClassificationDistillation", "Supervised", "check_class_targets"]
 
 
-def check_class_targets(target: Tensor, num_classes: int | None, where: str = "batch targets") -> None:
-    """Targets must be integer class indices (not one-hot or probabilities).
+def check_class_targets(target: Tensor, num_classes: int | None, where: str = "data", check_range: bool = True) -> None:
+    """Targets must be integer class indices (not one-hot or probabilities) in ``[0, num_classes)``.
+
+    The dtype check is free; the range check reads the targets back to the host (a device sync), so the methods
+    run it on the first training batch only (``check_range``).
 
     Raises:
         KDConfigError: naming the dtype/shape seen and the fix.
@@ -36,15 +39,15 @@ def check_class_targets(target: Tensor, num_classes: int | None, where: str = "b
         shape = tuple(target.shape)
         raise KDConfigError(
             where,
-            f"must be integer class indices, got {target.dtype} of shape {shape}",
+            f"the batches' targets must be integer class indices, got {target.dtype} of shape {shape}",
             "give labels as int64 class ids (for one-hot targets use target.argmax(-1))",
         )
-    if num_classes is not None and target.numel():
+    if check_range and num_classes is not None and target.numel():
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= num_classes:
             raise KDConfigError(
                 where,
-                f"hold class ids in [{low}, {high}] but there are {num_classes} classes",
+                f"the batches' targets hold class ids in [{low}, {high}] but there are {num_classes} classes",
                 "check num_classes and the data's labels",
             )
 
@@ -94,6 +97,7 @@ class ClassificationDistillation(DistillationModule):
         self.fidelity = fidelity and bool(len(self.teachers))
         self.metrics = nn.ModuleDict()
         self._teacher_logit_source: Callable[[Any, Any, Tensor], Tensor] | None = None
+        self._targets_checked = False
 
     # ------------------------------------------------------------------ batches and checks
     @staticmethod
@@ -102,6 +106,15 @@ class ClassificationDistillation(DistillationModule):
         if isinstance(batch, Mapping):
             return batch["input"], batch["target"]
         return batch[0], batch[1]
+
+    def check_targets(self, target: Tensor) -> None:
+        """:func:`check_class_targets` with the range check on the first training batch of each fit only."""
+        check_class_targets(target, self.num_classes, check_range=not self._targets_checked)
+        self._targets_checked = True
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._targets_checked = False
 
     def networks_to_check(self) -> dict[str, nn.Module]:
         """Networks whose output class count must equal ``num_classes``, by config field."""
@@ -226,7 +239,7 @@ class ClassificationDistillation(DistillationModule):
     def training_loss(self, batch: Any) -> tuple[Any, ...]:
         """``(terms, student_logits)``: a logit method's loss (teacher first: its activations are freed earlier)."""
         x, y = self.unpack(batch)
-        check_class_targets(y, self.num_classes)
+        self.check_targets(y)
         teacher_logits = self.teacher_logits(batch, x)
         student_logits = self.student(x)
         return self.distillation_loss(student_logits, teacher_logits, y), student_logits
@@ -297,6 +310,7 @@ class Supervised(ClassificationDistillation):
     """
 
     requires_teacher: ClassVar[bool] = False
+    takes_teacher: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(student=model, **kwargs)
@@ -314,7 +328,7 @@ class Supervised(ClassificationDistillation):
 
     def training_loss(self, batch: Any) -> tuple[Any, ...]:
         x, y = self.unpack(batch)
-        check_class_targets(y, self.num_classes)
+        self.check_targets(y)
         logits = self.student(x)
         ce = label_cross_entropy(logits, y, self.label_smoothing)
         return {"loss": ce, "ce": ce}, logits

@@ -478,6 +478,7 @@ class LMSupervised(LanguageModelDistillation):
     """
 
     requires_teacher: ClassVar[bool] = False
+    takes_teacher: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(student=model, **kwargs)
