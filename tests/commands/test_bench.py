@@ -172,6 +172,25 @@ def test_table_ranking_check_and_noise_column(tmp_path: Path) -> None:
     assert "## Overview: every setting" in text
 
 
+def test_ranking_check_compares_the_seeds_run_under_both_settings(tmp_path: Path) -> None:
+    grid = bench.load_grid(_grid(tmp_path, settings={"b": [], "b2": []}, ranking_check=["b", "b2"]))
+    values = {  # b2 has seed 0 only: under b, seed 1 alone would reverse the order
+        "student": {"b": [0.80, 0.99], "b2": [0.81]},
+        "kd": {"b": [0.90, 0.70], "b2": [0.91]},
+    }
+    rows = [
+        {"run": run, "setting": setting, "data": "default", "seed": seed, "test/acc": acc, "fit_seconds": 1.0}
+        for run, by_setting in values.items()
+        for setting, accs in by_setting.items()
+        for seed, acc in enumerate(accs)
+    ]
+    text = bench.render_table(grid, rows, machine="test machine")
+    assert "(seeds 0): **1.000**" in text and "- `b`: kd > student" in text
+    single = bench.load_grid(_grid(tmp_path, settings={"b": [], "b2": []}, ranking_check=["b", "b2"]))
+    one_run = [r for r in rows if r["run"] == "kd"]
+    assert "Ranking check" not in bench.render_table(single, one_run, machine="m")  # nothing to rank
+
+
 def test_grid_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"runs": {"a": str(CONFIGS_DIR / "digits_student.yaml")}, "baseline": "b"}))
@@ -183,3 +202,18 @@ def test_grid_errors(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"runs": {"a": str(CONFIGS_DIR / "digits_student.yaml")}, "seedz": [1]}))
     with pytest.raises(KDConfigError, match=r"grid\.seedz"):
         bench.load_grid(path)
+
+
+SHIPPED_GRIDS = sorted((Path(__file__).parents[2] / "benchmarks" / "grids").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_GRIDS, ids=lambda p: p.name)
+def test_shipped_grids_load_and_name_existing_configs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = path.parents[2]
+    monkeypatch.chdir(repo)  # grids' relative paths start at the repository root, where kd bench runs
+    grid = bench.load_grid(path)
+    assert grid.runs and grid.seeds and grid.metric
+    for spec in grid.runs.values():
+        assert Path(spec.config).is_file(), spec.config
+    if grid.ranking_check is not None:
+        assert set(grid.ranking_check) <= set(grid.settings)

@@ -581,12 +581,24 @@ def render_table(grid: Grid, rows: list[dict[str, Any]], machine: str | None = N
     if grid.ranking_check is not None:
         first, second = grid.ranking_check
         for data in datas:
-            pairs = []
-            for run in runs:
-                a = summarise(grid, rows, run, first, data)["values"]
-                b = summarise(grid, rows, run, second, data)["values"]
-                if a and b:
-                    pairs.append((run, statistics.fmean(a), statistics.fmean(b)))
+            pairs, seeds_used = [], set()
+            for run in runs:  # the same seeds under both settings, so only the budget differs
+                a = {
+                    r["seed"]: r[grid.metric]
+                    for r in _cell_rows(rows, run, first, data)
+                    if r.get(grid.metric) is not None
+                }
+                b = {
+                    r["seed"]: r[grid.metric]
+                    for r in _cell_rows(rows, run, second, data)
+                    if r.get(grid.metric) is not None
+                }
+                common = sorted(set(a) & set(b))
+                if common:
+                    seeds_used.update(common)
+                    pairs.append((run, statistics.fmean(a[s] for s in common), statistics.fmean(b[s] for s in common)))
+            if len(pairs) < 2:
+                continue
             tau = kendall_tau([p[1] for p in pairs], [p[2] for p in pairs])
             sign = 1 if grid.higher_is_better else -1
             order_a = [p[0] for p in sorted(pairs, key=lambda p: -sign * p[1])]
@@ -595,7 +607,8 @@ def render_table(grid: Grid, rows: list[dict[str, Any]], machine: str | None = N
             lines += [
                 f"## Ranking check{where}: `{first}` against `{second}`",
                 "",
-                f"Kendall τ-b between the rankings of the {len(pairs)} runs by mean {grid.metric}: "
+                f"Kendall τ-b between the rankings of the {len(pairs)} runs by mean {grid.metric} over the seeds run "
+                f"under both settings (seeds {', '.join(map(str, sorted(seeds_used)))}): "
                 + (f"**{tau:.3f}**" if tau is not None else "n/a")
                 + ".",
                 "",
