@@ -17,7 +17,16 @@ from kd_lightning.data.base import KDDataModule, TensorImageDataset, stratified_
 from kd_lightning.data.transforms import RandomTranslate
 from kd_lightning.errors import KDConfigError
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["DigitsDataModule", "load_sklearn_digits"]
+
+
+def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 bundled digits: images ``[N, 1, 8, 8]`` scaled to ``[0, 1]`` and targets ``[N]``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.as_tensor(digits.target, dtype=torch.long)
 
 
 class DigitsDataModule(KDDataModule):
@@ -107,11 +116,7 @@ class DigitsDataModule(KDDataModule):
         """Load the digits, split them and build the (already normalised) datasets."""
         if self.train_set is not None:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
-        targets = torch.as_tensor(digits.target, dtype=torch.long)
+        images, targets = load_sklearn_digits()
         if self.as_cifar:
             # Bilinear upsampling keeps values in [0, 1]; the grey channel is replicated to RGB.
             images = F.interpolate(images, scale_factor=4, mode="bilinear", align_corners=False)

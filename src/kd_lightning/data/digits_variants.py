@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning.data.base import KDDataModule, TensorImageDataset, stratified_split
+from kd_lightning.data.digits import load_sklearn_digits
 from kd_lightning.errors import KDConfigError
 
 __all__ = ["DigitsVariantsDataModule", "render_variants"]
@@ -234,11 +235,7 @@ class DigitsVariantsDataModule(KDDataModule):
         """Load the sources, split them, render the variants and build the (normalised) datasets."""
         if self.train_set is not None:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
-        targets = torch.as_tensor(digits.target, dtype=torch.long)
+        images, targets = load_sklearn_digits()
         parts = dict(zip(("train", "val", "test"), self.split_sources(targets), strict=True))
         rendered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for stream, (split, idx) in enumerate(parts.items()):

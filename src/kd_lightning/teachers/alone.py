@@ -12,7 +12,6 @@ a file lock, so a second run reads the numbers back instead of training again.
 from __future__ import annotations
 
 import copy
-import random
 import shutil
 import time
 import warnings
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -31,6 +29,7 @@ from torch import nn
 from kd_lightning.errors import KDConfigError
 from kd_lightning.methods.core import DistillationModule
 from kd_lightning.teachers.training import CachedTeacher
+from kd_lightning.utils.random_state import capture_random_state, restore_random_state
 
 __all__ = ["TRAINER_BUDGET_KEYS", "StudentAlone"]
 
@@ -176,8 +175,7 @@ class StudentAlone:
             if monitor
             else None
         )
-        states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        saved_random_state = capture_random_state()
         started = time.perf_counter()
         try:
             if seed is not None:
@@ -207,11 +205,7 @@ class StudentAlone:
             shutil.rmtree(logs, ignore_errors=True)
             raise
         finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
-            if cuda_states is not None:
-                torch.cuda.set_rng_state_all(cuda_states)
+            restore_random_state(saved_random_state)
         # ``validate``/``test`` with ``ckpt_path`` loaded the selected weights: those are cached.
         shutil.rmtree(logs / "checkpoints", ignore_errors=True)
         metrics["best_epoch"] = float(best_epoch)

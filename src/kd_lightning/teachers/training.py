@@ -22,7 +22,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import random
 import shutil
 import time
 import warnings
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback
@@ -41,6 +39,7 @@ from torch import nn
 
 from kd_lightning.errors import KDConfigError, TrainingDivergedError
 from kd_lightning.methods.core import DistillationModule, probe_optimizer
+from kd_lightning.utils.random_state import capture_random_state, restore_random_state
 
 __all__ = ["CachedTeacher", "TeacherTraining", "reset_parameters"]
 
@@ -270,8 +269,7 @@ class TeacherTraining:
         reset_parameters(network, self.seed)
         module = self._module(method, network, field)
         # The student run must not depend on whether its teacher was cached: restore every RNG.
-        states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        saved_random_state = capture_random_state()
         logs = entry.folder.parent / f"{entry.folder.name}.logs"
         started = time.perf_counter()
         try:
@@ -311,11 +309,7 @@ class TeacherTraining:
             shutil.rmtree(logs, ignore_errors=True)
             raise
         finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
-            if cuda_states is not None:
-                torch.cuda.set_rng_state_all(cuda_states)
+            restore_random_state(saved_random_state)
         bad = [
             name
             for name, p in module.student.state_dict().items()
