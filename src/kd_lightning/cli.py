@@ -393,10 +393,12 @@ class KDCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and (callback.best_model_path or callback.last_model_path):
             parts = []
-            if callback.best_model_path:
+            if callback.best_model_path and callback.monitor is not None and callback.best_model_score is not None:
                 parts.append(
                     f"best {callback.best_model_path} ({callback.monitor}={float(callback.best_model_score):.4f})"
                 )
+            elif callback.best_model_path:
+                parts.append(f"latest {callback.best_model_path}")
             if callback.last_model_path:
                 parts.append(f"last {callback.last_model_path}")
             lines.append("  checkpoints: " + ", ".join(parts))
@@ -436,12 +438,16 @@ def _has_split(datamodule: Any, stage: str) -> bool:
     method = getattr(type(datamodule), f"{stage}_dataloader", None)
     if method is None or method is getattr(L.LightningDataModule, f"{stage}_dataloader", None):
         return False
-    return getattr(datamodule, f"{stage}_set", True) is not None
+    if getattr(datamodule, f"{stage}_set", True) is not None:
+        return True
+    datamodule.setup(stage)  # data modules that build their test split only for the "test" stage (COCO, Cityscapes)
+    return getattr(datamodule, f"{stage}_set", None) is not None
 
 
 def _primary_metric(results: dict[str, Any]) -> str:
-    """The metric the summary leads with: accuracy when there is one, else perplexity, else the loss."""
-    for name in ("acc", "ppl", "loss"):
+    """The metric the summary leads with: accuracy, box mAP or mIoU when there is one, else perplexity, else the
+    loss."""
+    for name in ("acc", "map", "miou", "ppl", "loss"):
         if any(k.endswith("/" + name) for k in results):
             return name
     return "loss"
@@ -449,7 +455,8 @@ def _primary_metric(results: dict[str, Any]) -> str:
 
 def _metric_line(results: dict[str, Any], prefix: str, primary: str, label: str = "val") -> str:
     value = results.get(prefix + primary)
-    text = f"{label} {primary} " + (_pct(value) if primary == "acc" else ("n/a" if value is None else f"{value:.4f}"))
+    percent = primary in ("acc", "map", "miou")
+    text = f"{label} {primary} " + (_pct(value) if percent else ("n/a" if value is None else f"{value:.4f}"))
     agreement = results.get(prefix + "agreement")
     if agreement is not None and "teacher_" not in prefix:
         text += f", agreement with teacher {_pct(agreement)}"

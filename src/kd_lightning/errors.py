@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "ConfigFieldPrefix",
+    "DataFileError",
     "DatasetChecksumError",
     "DatasetNotFoundError",
     "KDConfigError",
@@ -92,6 +93,21 @@ class KDConfigError(ValueError):
             self.problem = new + self.problem[len(old) :]
         self.args = (self._render(),)
         return self
+
+
+class DataFileError(KDConfigError):
+    """A data file cannot be decoded or holds invalid values; the message names the file.
+
+    Raised inside DataLoader workers too: PyTorch re-raises a worker's exception as ``type(err)(text)`` where
+    ``text`` carries the worker's traceback; this class keeps only the original one-line message from it.
+    """
+
+    def __init__(self, field: str, problem: str | None = None, fix: str | None = None) -> None:
+        if problem is None and "Original Traceback" in field:
+            last = field.rstrip().splitlines()[-1]
+            marker = f"{type(self).__name__}: "
+            field = last.split(marker, 1)[1] if marker in last else last
+        super().__init__(field, problem, fix)
 
 
 class ConfigFieldPrefix(type):

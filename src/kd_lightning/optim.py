@@ -8,7 +8,7 @@ import torch
 
 from kd_lightning.errors import KDConfigError
 
-__all__ = ["WarmupCosineLR"]
+__all__ = ["WarmupCosineLR", "WarmupMultiStepLR"]
 
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
@@ -54,3 +54,50 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         if self.last_epoch < self.warmup_epochs:  # MAE's warm-up starts from 0, not from eta_min
             return [base * f for base in self.base_lrs]
         return [self.eta_min + (base - self.eta_min) * f for base in self.base_lrs]
+
+
+class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
+    """MMDetection's detection schedule: linear warm-up, then step decay at fixed milestones.
+
+    ``lr(t) = base·(r + (1 − r)·t/W)`` for ``t < W`` (``r = warmup_ratio``), then ``base·γ^k`` with ``k`` the
+    number of milestones ``≤ t``. With ``lr_scheduler_interval: step`` the units are iterations, as mmdet's
+    ``warmup='linear', warmup_iters=500, warmup_ratio=0.001`` with ``step=[8, 11]`` (1x) or ``[16, 22]`` (2x)
+    epochs converted to iterations.
+
+    Args:
+        optimizer: the optimiser.
+        milestones: scheduler steps at which the rate is multiplied by ``gamma`` (increasing).
+        gamma: decay factor.
+        warmup_steps: ``W``, steps of linear warm-up (0: none).
+        warmup_ratio: ``r``, the starting fraction of the base rate.
+        last_epoch: as in torch schedulers.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: list[int],
+        gamma: float = 0.1,
+        warmup_steps: int = 500,
+        warmup_ratio: float = 0.001,
+        last_epoch: int = -1,
+    ) -> None:
+        if list(milestones) != sorted(milestones) or any(m < 0 for m in milestones):
+            raise KDConfigError("milestones", f"must be increasing non-negative steps, got {list(milestones)}")
+        if warmup_steps < 0 or not 0 < warmup_ratio <= 1:
+            raise KDConfigError(
+                "warmup_steps", f"needs warmup_steps >= 0 and 0 < warmup_ratio <= 1, got {warmup_steps}, {warmup_ratio}"
+            )
+        self.milestones, self.gamma = list(milestones), gamma
+        self.warmup_steps, self.warmup_ratio = warmup_steps, warmup_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """The multiplier of the base learning rate at scheduler step ``step``."""
+        decay = self.gamma ** sum(step >= m for m in self.milestones)
+        if step < self.warmup_steps:
+            return decay * (self.warmup_ratio + (1.0 - self.warmup_ratio) * step / self.warmup_steps)
+        return decay
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]

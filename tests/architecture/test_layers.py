@@ -2,9 +2,9 @@
 
 Layers, bottom to top (a module may import its own package and any lower layer, nothing else):
 
-    errors  <  utils, optim  <  models, losses  <  data  <  methods  <  teachers  <  callbacks  <  cli  <  commands
+    errors < utils, optim < models, losses, metrics < data < methods < teachers < callbacks < cli < commands
 
-``models`` and ``losses`` are one layer but independent (neither imports the other).
+``models``, ``losses`` and ``metrics`` are one layer but independent (none imports another).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ RANKS = {
     "optim": 1,
     "models": 2,
     "losses": 2,
+    "metrics": 2,
     "data": 3,
     "methods": 4,
     "teachers": 5,

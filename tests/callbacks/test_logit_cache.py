@@ -40,6 +40,14 @@ from kd_lightning.methods import (
     ClassificationDistillation,
     DBiLD,
     DecoupledKLDistill,
+    DetCWD,
+    DetectionDistillation,
+    DetectionSupervised,
+    DetFGD,
+    DetFPNImitation,
+    DetLogitKD,
+    DetMGD,
+    DetPKD,
     EnsembleKD,
     FitNet,
     GTSelfDistill,
@@ -51,6 +59,11 @@ from kd_lightning.methods import (
     MaskedImageDistillation,
     MixKD,
     OnPolicyDistill,
+    SegCIRKD,
+    SegCWD,
+    SegmentationDistillation,
+    SegmentationSupervised,
+    SegPixelKD,
     SinKD,
     Supervised,
     SwingKD,
@@ -255,9 +268,17 @@ QUALIFIES = [VanillaKD, DKD, LogitStandardKD, PLD, BiLD, DBiLD, KLMixingKD, SinK
 REFUSED = [AT, CRD, FitNet, RKD, TRG, DMAE, MixKD, BDKD, GTSelfDistill, SwingKD, TGeoKD]
 REFUSED += [LMDistill, OnPolicyDistill, DecoupledKLDistill, EnsembleKD]
 #: Supervised training of one network: no teacher to replace.
-NO_TEACHER = [Supervised, LMSupervised]
+NO_TEACHER = [Supervised, LMSupervised, DetectionSupervised, SegmentationSupervised]
 #: Task siblings of the core: bases, not methods.
-BASES = [ClassificationDistillation, LanguageModelDistillation, MaskedImageDistillation]
+BASES = [
+    ClassificationDistillation,
+    LanguageModelDistillation,
+    MaskedImageDistillation,
+    DetectionDistillation,
+    SegmentationDistillation,
+]
+#: Dense-prediction methods: their teachers give feature maps and boxes, not per-image class logits.
+OTHER_TASKS = [DetFPNImitation, DetCWD, DetPKD, DetMGD, DetFGD, DetLogitKD, SegPixelKD, SegCWD, SegCIRKD]
 
 
 def _bare(cls: type) -> L.LightningModule:
@@ -277,7 +298,7 @@ def test_every_method_is_classified_for_the_cache() -> None:
         for n in methods.__all__
         if isinstance(getattr(methods, n), type) and issubclass(getattr(methods, n), methods.DistillationModule)
     } - {methods.DistillationModule}
-    classified = set(QUALIFIES) | set(REFUSED) | set(NO_TEACHER) | set(BASES)
+    classified = set(QUALIFIES) | set(REFUSED) | set(NO_TEACHER) | set(BASES) | set(OTHER_TASKS)
     assert distillers == classified, "classify new methods in QUALIFIES or REFUSED"
 
 
@@ -289,6 +310,12 @@ def test_logit_only_methods_qualify(cls: type) -> None:
 @pytest.mark.parametrize("cls", NO_TEACHER, ids=lambda c: c.__name__)
 def test_supervised_modules_are_refused_for_having_no_teacher(cls: type) -> None:
     with pytest.raises(KDConfigError, match=f"model {cls.__name__} has no teacher"):
+        TeacherLogitCache.check_module(_bare(cls))
+
+
+@pytest.mark.parametrize("cls", OTHER_TASKS, ids=lambda c: c.__name__)
+def test_dense_methods_are_refused_as_not_classification(cls: type) -> None:
+    with pytest.raises(KDConfigError, match=f"model {cls.__name__} is not one"):
         TeacherLogitCache.check_module(_bare(cls))
 
 

@@ -113,6 +113,38 @@ def _write_not_yaml(path: Path) -> None:
     path.write_text("model: [unclosed\n  init_args: {\n")
 
 
+def _write_scenes(path: Path) -> None:
+    from kd_lightning.data.digit_scenes import make_scenes
+
+    make_scenes(path, seed=0, train=4, val=2)
+
+
+def _write_scenes_without_gtfine(path: Path) -> None:
+    import shutil
+
+    _write_scenes(path)
+    shutil.rmtree(path / "cityscapes" / "gtFine")
+
+
+def _write_scenes_with_bad_label(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    _write_scenes(path)
+    label = sorted((path / "cityscapes" / "gtFine" / "train").rglob("*_gtFine_labelIds.png"))[0]
+    Image.fromarray(np.full((96, 96), 40, dtype=np.uint8)).save(label)
+
+
+def _write_scenes_with_broken_image(path: Path) -> None:
+    _write_scenes(path)
+    sorted((path / "coco" / "train").glob("*.png"))[0].write_bytes(b"not a png")
+
+
+#: The digit-scenes detection and segmentation recipes (tiny generated scenes are written into the working folder).
+DET = ("fit", "--config", "{configs}/digitscenes_det_cwd.yaml", "--data.init_args.root={tmp}/scenes/coco")
+SEG = ("fit", "--config", "{configs}/digitscenes_seg_student.yaml", "--data.init_args.root={tmp}/scenes/cityscapes")
+
+
 # ---------------------------------------------------------------------------------------------- the cases
 CASES: list[Case] = [
     # --- names: typos, unknown classes and options
@@ -618,6 +650,53 @@ CASES: list[Case] = [
         "--generations:",
         (">= 1",),
         tiny=False,
+    ),
+    # --- dense prediction: COCO and Cityscapes layouts (digit scenes)
+    Case(
+        "coco-missing",
+        "pointed a detection config at a folder without COCO annotations",
+        (*DET[:3], "--data.init_args.root={tmp}/nowhere"),
+        "data.init_args.root:",
+        ("instances_val.json", "make-scenes"),
+    ),
+    Case(
+        "coco-class-count",
+        "built the student detector for 5 classes on a 10-category COCO set",
+        (*DET, "--model.init_args.student.init_args.num_classes=5"),
+        "model.init_args.student.init_args.num_classes:",
+        ("10",),
+        files={"scenes": _write_scenes},
+    ),
+    Case(
+        "coco-broken-image",
+        "trained on a COCO folder with an image that does not decode",
+        (*DET, "--teacher_training.enabled=false"),
+        "data.init_args.root:",
+        ("000000000001.png", "skip_bad_images"),
+        files={"scenes": _write_scenes_with_broken_image},
+    ),
+    Case(
+        "cityscapes-no-gtfine",
+        "pointed a segmentation config at a Cityscapes folder without gtFine/",
+        SEG,
+        "data.init_args.root:",
+        ("gtFine",),
+        files={"scenes": _write_scenes_without_gtfine},
+    ),
+    Case(
+        "cityscapes-bad-label",
+        "trained on a Cityscapes label image holding labelId 40 (outside the official table)",
+        SEG,
+        "data.init_args.root:",
+        ("40", "labelIds"),
+        files={"scenes": _write_scenes_with_bad_label},
+    ),
+    Case(
+        "detection-on-classification-data",
+        "gave a detection method a classification data module",
+        (*DET[:3], "--data={configs}/fragments/digits_data.yaml", "--teacher_training.enabled=false"),
+        "data:",
+        ("detection",),
     ),
 ]
 

@@ -106,6 +106,11 @@ class TeacherLogitCache(Callback):
         """Raise :class:`KDConfigError` unless ``pl_module`` can take its teacher logits from a cache."""
 
         name = type(pl_module).__name__
+        if not isinstance(pl_module, ClassificationDistillation) and len(getattr(pl_module, "teachers", ())):
+            raise KDConfigError(
+                f"TeacherLogitCache serves classification distillation methods; model {name} is not one (its teacher "
+                "outputs are not per-image class logits): remove TeacherLogitCache from trainer.callbacks."
+            )
         if not isinstance(pl_module, ClassificationDistillation) or not len(getattr(pl_module, "teachers", ())):
             raise KDConfigError(
                 f"TeacherLogitCache serves classification distillation methods; model {name} has no teacher: "

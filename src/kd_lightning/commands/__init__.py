@@ -28,6 +28,7 @@ __all__ = ["COMMANDS", "fit_main", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "generations": ("kd_lightning.commands.generations", "Multi-generation self-distillation (Borup & Andersen)"),
     "radioml-synth": ("kd_lightning.commands.radioml_synth", "Write synthetic RadioML-like files (offline)"),
+    "make-scenes": ("kd_lightning.commands.make_scenes", "Write digit scenes as COCO and Cityscapes sets (offline)"),
     "model-stats": ("kd_lightning.commands.model_stats", "Parameters and MACs of networks"),
     "lm-teacher-logits": ("kd_lightning.commands.lm_teacher_logits", "Store an LM teacher's top-k log-probabilities"),
     "bench": ("kd_lightning.commands.bench", "Grids of methods x seeds x data through kd fit: tables and plots"),

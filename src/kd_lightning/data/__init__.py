@@ -2,6 +2,9 @@
 
 from kd_lightning.data.base import KDDataModule, stratified_split
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from kd_lightning.data.cityscapes import CityscapesDataModule
+from kd_lightning.data.coco import COCODetectionDataModule, detection_collate
+from kd_lightning.data.digit_scenes import make_scenes
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.digits_variants import DigitsVariantsDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
@@ -13,6 +16,8 @@ __all__ = [
     "ByteTokenizer",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "COCODetectionDataModule",
+    "CityscapesDataModule",
     "DigitsDataModule",
     "DigitsVariantsDataModule",
     "HFTokenizer",
@@ -22,6 +27,8 @@ __all__ = [
     "TeacherLogitStore",
     "TextDataModule",
     "TokenBatchLoader",
+    "detection_collate",
+    "make_scenes",
     "stratified_split",
     "write_teacher_logits",
 ]

@@ -6,7 +6,7 @@ import contextlib
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -43,6 +43,12 @@ class KDDataModule(L.LightningDataModule, metaclass=ConfigFieldPrefix):
     config_prefix = "data.init_args."
     num_classes: int
     input_shape: tuple[int, ...]
+    #: How a list of samples becomes a batch (``None``: PyTorch's default stacking); e.g. lists of images and
+    #: box dicts for detection.
+    collate_fn: ClassVar[Callable[[list[Any]], Any] | None] = None
+    #: The task the batches serve (``"classification"``, ``"language_modeling"``, ``"detection"``,
+    #: ``"segmentation"``); methods of another task refuse the data module at setup.
+    task: ClassVar[str] = "classification"
 
     def __init__(
         self,
@@ -191,6 +197,8 @@ class KDDataModule(L.LightningDataModule, metaclass=ConfigFieldPrefix):
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs["persistent_workers"] = True
+        if self.collate_fn is not None:
+            kwargs["collate_fn"] = self.collate_fn
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

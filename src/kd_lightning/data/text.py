@@ -471,6 +471,8 @@ class TextDataModule(KDDataModule):
         test_fraction: share of documents for testing, in [0, 1).
     """
 
+    task = "language_modeling"
+
     def __init__(
         self,
         batch_size: int = 16,

@@ -14,6 +14,12 @@ from kd_lightning.methods.core import DistillationModule
 from kd_lightning.methods.crd import CRD
 from kd_lightning.methods.dbild import DBiLD
 from kd_lightning.methods.decoupled_kl import DecoupledKLDistill
+from kd_lightning.methods.det_cwd import DetCWD
+from kd_lightning.methods.det_fgd import DetFGD
+from kd_lightning.methods.det_fpn_imitation import DetFPNImitation
+from kd_lightning.methods.det_logit_kd import DetLogitKD
+from kd_lightning.methods.det_mgd import DetMGD
+from kd_lightning.methods.det_pkd import DetPKD
 from kd_lightning.methods.dkd import DKD
 from kd_lightning.methods.dmae import DMAE
 from kd_lightning.methods.ensemble_kd import EnsembleKD
@@ -25,6 +31,9 @@ from kd_lightning.methods.mix_kd import MixKD
 from kd_lightning.methods.on_policy import OnPolicyDistill
 from kd_lightning.methods.pld import PLD
 from kd_lightning.methods.rkd import RKD
+from kd_lightning.methods.seg_cirkd import SegCIRKD
+from kd_lightning.methods.seg_cwd import SegCWD
+from kd_lightning.methods.seg_pixel_kd import SegPixelKD
 from kd_lightning.methods.self_distill import GTSelfDistill
 from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.methods.skd import SKD
@@ -32,9 +41,13 @@ from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.taid import TAID
 from kd_lightning.methods.tasks import (
     ClassificationDistillation,
+    DetectionDistillation,
+    DetectionSupervised,
     LanguageModelDistillation,
     LMSupervised,
     MaskedImageDistillation,
+    SegmentationDistillation,
+    SegmentationSupervised,
     Supervised,
 )
 from kd_lightning.methods.tgeo_kd import TGeoKD
@@ -57,6 +70,14 @@ __all__ = [
     "ClassificationDistillation",
     "DBiLD",
     "DecoupledKLDistill",
+    "DetCWD",
+    "DetFGD",
+    "DetFPNImitation",
+    "DetLogitKD",
+    "DetMGD",
+    "DetPKD",
+    "DetectionDistillation",
+    "DetectionSupervised",
     "DistillationModule",
     "EnsembleKD",
     "FitNet",
@@ -69,6 +90,11 @@ __all__ = [
     "MaskedImageDistillation",
     "MixKD",
     "OnPolicyDistill",
+    "SegCIRKD",
+    "SegCWD",
+    "SegPixelKD",
+    "SegmentationDistillation",
+    "SegmentationSupervised",
     "SinKD",
     "Supervised",
     "SwingKD",

@@ -38,9 +38,11 @@ from .cifar import (
     ShuffleNetV2,
     WideResNet,
 )
+from .detection import FasterRCNNDetector, FCOSDetector, LevelAdapters, RetinaNetDetector
 from .lm import HFCausalLM, TinyGPT
 from .mae_decoder import MAEDecoder, MAEDecoderBlock
 from .radioml import KDCNN, ClST, KDMobileNet
+from .segmentation import DeepLabV3Segmenter, FCNSegmenter, LRASPPSegmenter
 from .small import MLP, SmallCNN
 from .taps import FeatureTaps, UnknownModuleError, module_names
 from .wrappers import TimmModel, TorchvisionModel
@@ -65,9 +67,15 @@ __all__ = [
     "CIFARResNet50",
     "CifarModel",
     "ClST",
+    "DeepLabV3Segmenter",
+    "FCNSegmenter",
+    "FCOSDetector",
+    "FasterRCNNDetector",
     "FeatureTaps",
     "HFCausalLM",
     "KDMobileNet",
+    "LRASPPSegmenter",
+    "LevelAdapters",
     "MAEDecoder",
     "MAEDecoderBlock",
     "MobileNetV2",
@@ -81,6 +89,7 @@ __all__ = [
     "ResNet44",
     "ResNet56",
     "ResNet110",
+    "RetinaNetDetector",
     "ShuffleNetV1",
     "ShuffleNetV2",
     "SmallCNN",

@@ -8,14 +8,32 @@ teachers, optimisation, schedules, logging, NaN checks and export.
 """
 
 from kd_lightning.methods.tasks.classification import ClassificationDistillation, Supervised, check_class_targets
+from kd_lightning.methods.tasks.detection import (
+    DetectionContext,
+    DetectionDistillation,
+    DetectionSupervised,
+    split_detection_batch,
+)
 from kd_lightning.methods.tasks.language_model import LanguageModelDistillation, LMSupervised
 from kd_lightning.methods.tasks.masked_image import MaskedImageDistillation
+from kd_lightning.methods.tasks.segmentation import (
+    SegmentationDistillation,
+    SegmentationSupervised,
+    check_segmentation_batch,
+)
 
 __all__ = [
     "ClassificationDistillation",
+    "DetectionContext",
+    "DetectionDistillation",
+    "DetectionSupervised",
     "LMSupervised",
     "LanguageModelDistillation",
     "MaskedImageDistillation",
+    "SegmentationDistillation",
+    "SegmentationSupervised",
     "Supervised",
     "check_class_targets",
+    "check_segmentation_batch",
+    "split_detection_batch",
 ]
