@@ -44,6 +44,7 @@ from torch.optim import Optimizer
 from kd_lightning.errors import ConfigFieldPrefix, KDConfigError, TrainingDivergedError
 from kd_lightning.losses.schedule import Progress, ScheduledLoss
 from kd_lightning.models.checkpoints import CheckpointKey, check_checkpoint_exists, load_weights
+from kd_lightning.utils.trainable import freeze
 
 __all__ = [
     "DistillationModule",
@@ -318,7 +319,7 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
             self.load_teacher(path, name)
         if not self.trains_teacher:
             for network in self.teachers.values():
-                network.requires_grad_(False)
+                freeze(network)  # requires_grad_(False), remembering what was frozen by design
                 network.eval()
 
     # ------------------------------------------------------------------ construction helpers

@@ -11,7 +11,6 @@ a file lock, so a second run reads the numbers back instead of training again.
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 import warnings
@@ -30,6 +29,7 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.methods.core import DistillationModule
 from kd_lightning.teachers.training import CachedTeacher
 from kd_lightning.utils.random_state import capture_random_state, restore_random_state
+from kd_lightning.utils.trainable import trainable_copy
 
 __all__ = ["TRAINER_BUDGET_KEYS", "StudentAlone"]
 
@@ -162,7 +162,7 @@ class StudentAlone:
                 f"{type(method).__name__} defines no supervised task module to train the student alone with",
                 "set compare_student_alone false",
             )
-        network = copy.deepcopy(initial).requires_grad_(True).train()
+        network = trainable_copy(initial)  # parameters frozen by design (e.g. a detector's stem) stay frozen
         module = module_class(
             model=network,
             optimizer=method.optimizer_factory,

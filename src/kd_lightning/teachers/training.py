@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import shutil
@@ -40,6 +39,7 @@ from torch import nn
 from kd_lightning.errors import KDConfigError, TrainingDivergedError
 from kd_lightning.methods.core import DistillationModule, probe_optimizer
 from kd_lightning.utils.random_state import capture_random_state, restore_random_state
+from kd_lightning.utils.trainable import trainable_copy
 
 __all__ = ["CachedTeacher", "TeacherTraining", "reset_parameters"]
 
@@ -265,7 +265,7 @@ class TeacherTraining:
         field: str,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        network = copy.deepcopy(teacher).requires_grad_(True).train()
+        network = trainable_copy(teacher)  # parameters frozen by design (e.g. a detector's stem) stay frozen
         reset_parameters(network, self.seed)
         module = self._module(method, network, field)
         # The student run must not depend on whether its teacher was cached: restore every RNG.
