@@ -50,6 +50,7 @@ __all__ = [
     "DistillationModule",
     "ExpectedWarnings",
     "RandomStateCheckpoint",
+    "SingleNetwork",
     "config_managed",
     "describe",
     "first_tensor",
@@ -697,6 +698,34 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
         }
         torch.save(payload, path)
         return path
+
+
+class SingleNetwork:
+    """Mixin of the tasks' supervised modules: one network (``model``, stored as ``student``) trained on the task's
+    own loss, no teacher. Each task's module keeps its own ``__init__(model, label_smoothing, **kwargs)`` (explicit
+    signatures for LightningCLI) and calls :meth:`set_label_smoothing`."""
+
+    requires_teacher: ClassVar[bool] = False
+    takes_teacher: ClassVar[bool] = False
+    student: nn.Module
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained network (stored as ``student``)."""
+        return self.student
+
+    def networks_to_check(self) -> dict[str, nn.Module]:
+        return {"model": self.student}
+
+    def set_label_smoothing(self, label_smoothing: float) -> None:
+        """Check ``label_smoothing`` (ε in [0, 1)) and store it.
+
+        Raises:
+            KDConfigError: outside [0, 1).
+        """
+        if not 0.0 <= label_smoothing < 1.0:
+            raise KDConfigError("label_smoothing", f"must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
 
 
 def probe_optimizer(field: str, factory: Any) -> None:

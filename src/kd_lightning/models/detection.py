@@ -19,12 +19,9 @@ Backbones (the builders of torchvision's ``retinanet_resnet50_fpn`` / ``fcos_res
 - ``tiny``: conv-BN-ReLU stages (stem to stride 4, then strides 8/16/32 with widths ``tiny_widths``) + the
   same torchvision FPN and extra blocks, for 64-128 px scenes on a CPU (levels and strides as above).
 
-Speed of the ``tiny`` detectors (measured on one core of a shared 2-core CPU, ``torch.set_num_threads(1)``, a batch
-of 16 images of 96x96, 6 classes, FPN 64; one optimiser step = transform + forward + losses + backward + SGD step;
-``DetectionSupervised.training_loss``): RetinaNet 0.15-0.16 s with widths (16, 32, 64), 0.15 s with (32, 64, 128);
-FCOS 0.12-0.14 s; Faster R-CNN 0.75-0.83 s (with the tiny RPN/RoI budgets below; 2.8 s with torchvision's).
-Distilling RetinaNet (32, 64, 128) → (16, 32, 64): DetCWD 0.15 s, DetLogitKD 0.18 s per batch. Inference of
-RetinaNet-tiny: 0.05 s per batch of 16.
+Speed of the ``tiny`` detectors: the digit-scenes grid (``kd bench benchmarks/grids/digitscenes_det.yaml``,
+README "Results on digit scenes") records seconds per epoch on the project's 2-core CPU (FCOS-tiny student ~22 s,
+teacher ~40 s per 2,400 images of 96x96).
 
 Tap names (module paths for :class:`~kd_lightning.models.taps.FeatureTaps`): ``backbone`` (output: the FPN dict,
 keys :attr:`fpn_levels`), ``backbone.body`` (the C-level dict), ``backbone.fpn``; RetinaNet/FCOS:

@@ -20,11 +20,8 @@ Backbones: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_
   students are not in torchvision; MobileNetV3-Large is offered instead (not the paper's network).
 - ``tiny``: four conv-BN-ReLU stages (``layer1..layer4``, widths ``tiny_widths``), strides 2/2/2/1 (dilation 2 in
   ``layer4``, output stride 8; ``16``: stride 2 in ``layer4``), feeding the same torchvision heads: for CPU
-  experiments on small images (the digit scenes, 96x96). Measured on one CPU core (torch 2.14, a shared 2-core
-  machine; median of 15 steps): a training step (forward, backward, Adam) on a batch of 16 96x96 images, 19 classes,
-  takes 0.12-0.16 s for ``DeepLabV3Segmenter(19, "tiny")`` (16/32/64, 0.32 M parameters), 0.29 s with widths
-  32/64/128 (1.3 M), 0.07 s for ``FCNSegmenter`` and ``LRASPPSegmenter`` (tiny); a ``SegCWD`` step of the narrow
-  student with the wide teacher 0.25 s; evaluation 0.05 s per batch.
+  experiments on small images (the digit scenes, 96x96); seconds per epoch on the project's 2-core CPU are in
+  ``kd bench benchmarks/grids/digitscenes_seg.yaml``'s results (README "Results on digit scenes").
 
 Every model lists the tap names distillation methods use (:attr:`~DeepLabV3Segmenter.tap_names`):
 ``"logits"`` (the native-stride logits before upsampling, the module ``classifier``), ``"head_feature"``

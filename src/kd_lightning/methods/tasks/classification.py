@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.divergences import forward_kl
-from kd_lightning.methods.core import DistillationModule, describe
+from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
 
 __all__ = ["ClassificationDistillation", "Supervised", "check_class_targets"]
 
@@ -296,7 +296,7 @@ class ClassificationDistillation(DistillationModule):
         return {"num_classes": self.num_classes}
 
 
-class Supervised(ClassificationDistillation):
+class Supervised(SingleNetwork, ClassificationDistillation):
     """Cross-entropy training of one network, with optional label smoothing: teachers and student-alone baselines.
 
     ``L = CE(z, y)`` with targets ``(1 − ε)·onehot(y) + ε/C`` when ``label_smoothing = ε > 0``.
@@ -309,22 +309,9 @@ class Supervised(ClassificationDistillation):
             :class:`ClassificationDistillation`.
     """
 
-    requires_teacher: ClassVar[bool] = False
-    takes_teacher: ClassVar[bool] = False
-
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(student=model, **kwargs)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise KDConfigError("label_smoothing", f"must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
-
-    @property
-    def model(self) -> nn.Module:
-        """The trained network (stored as ``student``)."""
-        return self.student
-
-    def networks_to_check(self) -> dict[str, nn.Module]:
-        return {"model": self.student}
+        self.set_label_smoothing(label_smoothing)
 
     def training_loss(self, batch: Any) -> tuple[Any, ...]:
         x, y = self.unpack(batch)

@@ -36,7 +36,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.terms import check_weights, weighted_terms
-from kd_lightning.methods.core import AUTOCAST_DTYPES, DistillationModule, describe, first_tensor
+from kd_lightning.methods.core import AUTOCAST_DTYPES, DistillationModule, SingleNetwork, describe, first_tensor
 from kd_lightning.metrics.detection import MAP_KEYS, detection_map, map_predictions, map_targets
 from kd_lightning.models.detection import (
     detection_losses,
@@ -555,7 +555,7 @@ class _eval_mode:
             module.training = mode
 
 
-class DetectionSupervised(DetectionDistillation):
+class DetectionSupervised(SingleNetwork, DetectionDistillation):
     """The detector's own losses only (no teacher): trains detection teachers and the student-alone baseline.
 
     Args:
@@ -565,23 +565,12 @@ class DetectionSupervised(DetectionDistillation):
         **kwargs: ``task_weight``, ``map_backend``, ``class_metrics``, ``drop_crowd`` and the core's arguments.
     """
 
-    requires_teacher: ClassVar[bool] = False
-    takes_teacher: ClassVar[bool] = False
-
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(student=model, **kwargs)
         if label_smoothing:
             raise KDConfigError(
                 "label_smoothing", f"is {label_smoothing} but detection losses take no label smoothing", "set it to 0"
             )
-
-    @property
-    def model(self) -> nn.Module:
-        """The trained detector (stored as ``student``)."""
-        return self.student
-
-    def networks_to_check(self) -> dict[str, nn.Module]:
-        return {"model": self.student}
 
 
 DetectionDistillation.teacher_training_module = DetectionSupervised

@@ -43,7 +43,7 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
 from kd_lightning.losses.divergences import forward_kl
 from kd_lightning.losses.lm import align_vocab, normalize_token_sum, shift_for_next_token
-from kd_lightning.methods.core import DistillationModule, describe
+from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
 
 __all__ = [
     "ExpMeanMetric",
@@ -462,7 +462,7 @@ class LanguageModelDistillation(DistillationModule):
         return {"num_classes": self.num_classes}
 
 
-class LMSupervised(LanguageModelDistillation):
+class LMSupervised(SingleNetwork, LanguageModelDistillation):
     """Next-token cross-entropy training of one causal LM: LM teachers and the student-alone baseline.
 
     ``L = Σ_{valid tokens t} CE(z_t, y_{t+1}) / N_valid`` with ``N_valid`` counted over the whole
@@ -477,22 +477,9 @@ class LMSupervised(LanguageModelDistillation):
             data's by default) and the other arguments of :class:`LanguageModelDistillation`.
     """
 
-    requires_teacher: ClassVar[bool] = False
-    takes_teacher: ClassVar[bool] = False
-
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(student=model, **kwargs)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise KDConfigError("label_smoothing", f"must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
-
-    @property
-    def model(self) -> nn.Module:
-        """The trained network (stored as ``student``)."""
-        return self.student
-
-    def networks_to_check(self) -> dict[str, nn.Module]:
-        return {"model": self.student}
+        self.set_label_smoothing(label_smoothing)
 
     def check_vocabularies(self, data_name: str) -> None:
         vocab = self.probe_vocab("model", self.student)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.terms import weighted_terms
-from kd_lightning.methods.core import DistillationModule, describe
+from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
 from kd_lightning.metrics.segmentation import MeanIoU
 from kd_lightning.models.taps import FeatureTaps, UnknownModuleError
 
@@ -605,7 +605,7 @@ class SegmentationDistillation(DistillationModule):
         }
 
 
-class SegmentationSupervised(SegmentationDistillation):
+class SegmentationSupervised(SingleNetwork, SegmentationDistillation):
     """Per-pixel cross-entropy training of one segmenter: teachers and student-alone baselines.
 
     ``L = CE(out, masks) + aux_weight · CE(aux, masks)`` (ignore 255; optional label smoothing ε).
@@ -618,22 +618,9 @@ class SegmentationSupervised(SegmentationDistillation):
             :class:`SegmentationDistillation`, ``optimizer``, ``lr_scheduler`` and the speed switches.
     """
 
-    requires_teacher: ClassVar[bool] = False
-    takes_teacher: ClassVar[bool] = False
-
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(student=model, **kwargs)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise KDConfigError("label_smoothing", f"must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
-
-    @property
-    def model(self) -> nn.Module:
-        """The trained network (stored as ``student``)."""
-        return self.student
-
-    def networks_to_check(self) -> dict[str, nn.Module]:
-        return {"model": self.student}
+        self.set_label_smoothing(label_smoothing)
 
     def training_loss(self, batch: Any) -> dict[str, Tensor]:
         x, masks = self.unpack(batch)
