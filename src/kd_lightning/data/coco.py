@@ -15,7 +15,8 @@ int64 ``[N]`` and, with ``masks=True``, ``masks`` uint8 ``[N, H, W]``.
 Annotation reader: pycocotools rather than faster-coco-eval. Both read the json with Python's ``json`` and
 build the same dict indexes (faster-coco-eval's ``COCO`` class is a port of pycocotools'), so neither is faster
 at what a data module does (an unrecorded one-off timing on a 20k-image file agreed; no benchmark in this
-repository backs a number). faster-coco-eval's speed-up is in ``COCOeval``, which the metric side can still use (torchmetrics' ``backend="faster_coco_eval"``).
+repository backs a number). faster-coco-eval's speed-up is in ``COCOeval``, which the metric side can still use
+(torchmetrics' ``backend="faster_coco_eval"``).
 pycocotools is the format's reference implementation (what ``annToMask`` and RLE mean), ships binary wheels for
 Linux, macOS and Windows since 2.0.7, and its API has been frozen for years; both are in the
 ``kd-lightning[dense]`` extra. It is imported inside functions, so ``import kd_lightning`` works without it.
