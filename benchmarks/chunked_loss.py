@@ -43,62 +43,16 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 from kd_lightning.losses.chunked import chunked_distillation_loss
+from kd_lightning.utils.memory import TensorMemoryTracker
 
 MiB = 2**20
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages created by ATen operations while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def _track(self, tensor: torch.Tensor, input_pointers: set[int]) -> None:
-        storage = tensor.untyped_storage()
-        if storage in self._seen:
-            return
-        if storage.data_ptr() in input_pointers:  # a view or an in-place result of a tensor made before: not new
-            self._seen[storage] = 0
-            return
-        nbytes = storage.nbytes()
-        self._seen[storage] = nbytes
-        weakref.finalize(storage, self._free, nbytes)
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"
-        }
-        inputs.discard(0)
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                self._track(leaf, inputs)
-        return out
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
 
 
 def naive_objective(name: str, kwargs: dict[str, float]) -> Callable[..., torch.Tensor]:

@@ -38,8 +38,10 @@ from kd_lightning.methods import (
     AdaKD,
     BiLD,
     ClassificationDistillation,
+    CLoCKDistill,
     DBiLD,
     DecoupledKLDistill,
+    DetACAMKD,
     DetCWD,
     DetectionDistillation,
     DetectionSupervised,
@@ -59,6 +61,7 @@ from kd_lightning.methods import (
     MaskedImageDistillation,
     MixKD,
     OnPolicyDistill,
+    SegACAMKD,
     SegCIRKD,
     SegCWD,
     SegmentationDistillation,
@@ -278,7 +281,20 @@ BASES = [
     SegmentationDistillation,
 ]
 #: Dense-prediction methods: their teachers give feature maps and boxes, not per-image class logits.
-OTHER_TASKS = [DetFPNImitation, DetCWD, DetPKD, DetMGD, DetFGD, DetLogitKD, SegPixelKD, SegCWD, SegCIRKD]
+OTHER_TASKS = [
+    DetFPNImitation,
+    DetCWD,
+    DetPKD,
+    DetMGD,
+    DetFGD,
+    DetLogitKD,
+    DetACAMKD,
+    CLoCKDistill,
+    SegPixelKD,
+    SegCWD,
+    SegCIRKD,
+    SegACAMKD,
+]
 
 
 def _bare(cls: type) -> L.LightningModule:

@@ -143,6 +143,8 @@ def _write_scenes_with_broken_image(path: Path) -> None:
 #: The digit-scenes detection and segmentation recipes (tiny generated scenes are written into the working folder).
 DET = ("fit", "--config", "{configs}/digitscenes_det_cwd.yaml", "--data.init_args.root={tmp}/scenes/coco")
 SEG = ("fit", "--config", "{configs}/digitscenes_seg_student.yaml", "--data.init_args.root={tmp}/scenes/cityscapes")
+ACAM = ("fit", "--config", "{configs}/digitscenes_det_acam_kd.yaml", "--data.init_args.root={tmp}/scenes/coco")
+DETR = ("fit", "--config", "{configs}/digitscenes_detr_clockdistill.yaml", "--data.init_args.root={tmp}/scenes/coco")
 
 
 # ---------------------------------------------------------------------------------------------- the cases
@@ -690,6 +692,31 @@ CASES: list[Case] = [
         "data.init_args.root:",
         ("40", "labelIds"),
         files={"scenes": _write_scenes_with_bad_label},
+    ),
+    Case(
+        "acam-fpn-levels",
+        "distilled an FCOS student (P3-P7) from a Faster R-CNN teacher (P2-P6) with ACAM-KD",
+        (
+            *ACAM,
+            '--model.init_args.teacher={"class_path": "FasterRCNNDetector", "init_args": {"num_classes": 10, '
+            '"backbone": "tiny", "min_size": 96, "max_size": 96}}',
+        ),
+        "model.init_args.teacher",
+        ("FPN level", "distill_levels"),
+    ),
+    Case(
+        "detr-query-parametrisation",
+        "paired a DETR student with anchor queries and a DETR teacher with point queries for CLoCKDistill",
+        (*DETR, "--model.init_args.teacher.init_args.query_type=point"),
+        "model.init_args.teacher.init_args.query_type:",
+        ("'point'", "'anchor'"),
+    ),
+    Case(
+        "detr-memory-levels",
+        "gave the DETR teacher a memory of other backbone levels than the student's (C4+C5 vs C3+C4)",
+        (*DETR, "--model.init_args.teacher.init_args.feature_levels=[1,2]"),
+        "model.init_args.teacher.init_args.feature_levels:",
+        ("one to one",),
     ),
     Case(
         "detection-on-classification-data",

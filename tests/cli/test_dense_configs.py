@@ -65,7 +65,7 @@ def _check(cli: object) -> None:
 
 @pytest.mark.parametrize("config", SCENES, ids=lambda p: p.name)
 def test_digit_scenes_configs_fit(config: Path, scenes: Path, in_tmp: Path) -> None:
-    layout = "coco" if "_det_" in config.name else "cityscapes"
+    layout = "coco" if config.stem.split("_")[1] in ("det", "detr") else "cityscapes"
     cli = fit(
         [
             "--config",
@@ -122,7 +122,12 @@ def test_cityscapes_recipes_fit_with_tiny_networks(config: Path, scenes: Path, i
 
 
 @pytest.mark.parametrize(
-    ("config", "layout"), [("digitscenes_det_pkd.yaml", "coco"), ("digitscenes_seg_cirkd.yaml", "cityscapes")]
+    ("config", "layout"),
+    [
+        ("digitscenes_det_pkd.yaml", "coco"),
+        ("digitscenes_seg_cirkd.yaml", "cityscapes"),
+        ("digitscenes_detr_clockdistill.yaml", "coco"),
+    ],
 )
 def test_bf16_mixed_on_cpu(config: str, layout: str, scenes: Path, in_tmp: Path) -> None:
     cli = fit(
@@ -143,7 +148,11 @@ def test_bf16_mixed_on_cpu(config: str, layout: str, scenes: Path, in_tmp: Path)
 @pytest.mark.ddp
 @pytest.mark.parametrize(
     ("config", "layout", "metric"),
-    [("digitscenes_det_cwd.yaml", "coco", "val/map"), ("digitscenes_seg_pixel_kd.yaml", "cityscapes", "val/miou")],
+    [
+        ("digitscenes_det_cwd.yaml", "coco", "val/map"),
+        ("digitscenes_seg_pixel_kd.yaml", "cityscapes", "val/miou"),
+        ("digitscenes_detr_clockdistill.yaml", "coco", "val/map"),
+    ],
 )
 def test_ddp_two_processes_on_cpu(config: str, layout: str, metric: str, scenes: Path, in_tmp: Path) -> None:
     exe = Path(sys.executable).parent / "kd-fit"

@@ -180,7 +180,7 @@ def test_logit_kd_refuses_faster_rcnn_other_families_and_other_anchors() -> None
         ),
         (
             lambda: DetCWD(tiny(), tiny(FasterRCNNDetector), optimizer=adam()),
-            r"^model.init_args.teacher \(the student's FPN levels\): \['p6', 'p7'\] are not an FPN level of the",
+            r"^model.init_args.teacher: the student's FPN levels \['p6', 'p7'\] are not an FPN level of the",
         ),
         (
             lambda: DetLogitKD(tiny(), tiny(), temperature=0, optimizer=adam()),

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from kd_lightning.commands import main
-from kd_lightning.errors import TrainingDivergedError
+from kd_lightning.errors import KDConfigError, TrainingDivergedError
 from kd_lightning.methods import VanillaKD
 from kd_lightning.models.checkpoints import load_weights
 from kd_lightning.teachers import CachedTeacher, TeacherTraining
@@ -217,3 +217,21 @@ def test_diverged_teacher_through_the_cli_is_one_line(in_tmp: Path, capsys: pyte
     )
     assert not cache.exists() or _entries(cache) == []
     assert sorted(p.name for p in in_tmp.iterdir()) in ([], ["teachers"])  # no stray runs/ or lightning_logs/
+
+
+# ------------------------------------------------------------------------------------ gradient clipping
+def test_gradient_clipping_reaches_the_teachers_trainer(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning as L
+
+    seen: list[object] = []
+    original = L.Trainer.__init__
+
+    def recording(self: L.Trainer, *args: object, **kwargs: object) -> None:
+        seen.append(kwargs.get("gradient_clip_val"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "__init__", recording)
+    _ensure(in_tmp / "teachers", gradient_clip_val=0.1)
+    assert seen == [0.1]
+    with pytest.raises(KDConfigError, match=r"^teacher_training.gradient_clip_val: must be > 0 or null, got 0"):
+        TeacherTraining(gradient_clip_val=0.0)

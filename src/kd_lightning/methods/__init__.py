@@ -14,6 +14,8 @@ from kd_lightning.methods.core import DistillationModule
 from kd_lightning.methods.crd import CRD
 from kd_lightning.methods.dbild import DBiLD
 from kd_lightning.methods.decoupled_kl import DecoupledKLDistill
+from kd_lightning.methods.det_acam_kd import DetACAMKD
+from kd_lightning.methods.det_clockdistill import CLoCKDistill
 from kd_lightning.methods.det_cwd import DetCWD
 from kd_lightning.methods.det_fgd import DetFGD
 from kd_lightning.methods.det_fpn_imitation import DetFPNImitation
@@ -31,6 +33,7 @@ from kd_lightning.methods.mix_kd import MixKD
 from kd_lightning.methods.on_policy import OnPolicyDistill
 from kd_lightning.methods.pld import PLD
 from kd_lightning.methods.rkd import RKD
+from kd_lightning.methods.seg_acam_kd import SegACAMKD
 from kd_lightning.methods.seg_cirkd import SegCIRKD
 from kd_lightning.methods.seg_cwd import SegCWD
 from kd_lightning.methods.seg_pixel_kd import SegPixelKD
@@ -67,9 +70,11 @@ __all__ = [
     "TRG",
     "AdaKD",
     "BiLD",
+    "CLoCKDistill",
     "ClassificationDistillation",
     "DBiLD",
     "DecoupledKLDistill",
+    "DetACAMKD",
     "DetCWD",
     "DetFGD",
     "DetFPNImitation",
@@ -90,6 +95,7 @@ __all__ = [
     "MaskedImageDistillation",
     "MixKD",
     "OnPolicyDistill",
+    "SegACAMKD",
     "SegCIRKD",
     "SegCWD",
     "SegPixelKD",

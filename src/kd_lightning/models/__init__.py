@@ -39,6 +39,7 @@ from .cifar import (
     WideResNet,
 )
 from .detection import FasterRCNNDetector, FCOSDetector, LevelAdapters, RetinaNetDetector
+from .detr import DETRDetector
 from .lm import HFCausalLM, TinyGPT
 from .mae_decoder import MAEDecoder, MAEDecoderBlock
 from .radioml import KDCNN, ClST, KDMobileNet
@@ -67,6 +68,7 @@ __all__ = [
     "CIFARResNet50",
     "CifarModel",
     "ClST",
+    "DETRDetector",
     "DeepLabV3Segmenter",
     "FCNSegmenter",
     "FCOSDetector",

@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny")
-Family = Literal["retinanet", "fcos", "faster_rcnn"]
+Family = Literal["retinanet", "fcos", "faster_rcnn", "detr"]
 #: Stride of the first FPN level: 8 (P3, single-stage detectors) or 4 (P2, Faster R-CNN).
 _FIRST_STRIDE = {"retinanet": 8, "fcos": 8, "faster_rcnn": 4}
 
@@ -492,11 +492,14 @@ class FasterRCNNDetector(_DetectorMixin, FasterRCNN):
 
 # ---------------------------------------------------------------------------------------------- family functions
 def detector_family(model: nn.Module) -> Family:
-    """``"retinanet"``, ``"fcos"`` or ``"faster_rcnn"`` for these classes and plain torchvision models.
+    """``"retinanet"``, ``"fcos"`` or ``"faster_rcnn"`` for these classes and plain torchvision models,
+    ``"detr"`` for :class:`~kd_lightning.models.detr.DETRDetector`.
 
     Raises:
         KDConfigError: for any other network.
     """
+    if getattr(model, "family", None) == "detr":
+        return "detr"
     if isinstance(model, RetinaNet):
         return "retinanet"
     if isinstance(model, FCOS):
@@ -505,8 +508,9 @@ def detector_family(model: nn.Module) -> Family:
         return "faster_rcnn"
     raise KDConfigError(
         "model",
-        f"{type(model).__name__} is not a torchvision RetinaNet, FCOS or Faster R-CNN",
-        "use kd_lightning.models.detection.RetinaNetDetector, FCOSDetector or FasterRCNNDetector",
+        f"{type(model).__name__} is not a torchvision RetinaNet, FCOS or Faster R-CNN, nor a DETRDetector",
+        "use kd_lightning.models.detection.RetinaNetDetector, FCOSDetector, FasterRCNNDetector or "
+        "kd_lightning.models.detr.DETRDetector",
     )
 
 
@@ -515,6 +519,8 @@ def num_outputs(model: nn.Module) -> int:
     family = detector_family(model)
     if family == "faster_rcnn":
         return int(model.roi_heads.box_predictor.cls_score.out_features)
+    if family == "detr":
+        return int(model.num_classes) + 1
     return int(model.head.classification_head.num_classes)
 
 
@@ -541,9 +547,14 @@ def head_outputs(model: nn.Module, features: dict[str, Tensor] | list[Tensor]) -
     Raises:
         KDConfigError: for Faster R-CNN (its RoI head runs on proposals, not on every location).
     """
-    if detector_family(model) == "faster_rcnn":
+    family = detector_family(model)
+    if family == "faster_rcnn":
         raise KDConfigError(
             "model", "Faster R-CNN has no dense head: its box head runs on RPN proposals", "use RetinaNet or FCOS"
+        )
+    if family == "detr":
+        raise KDConfigError(
+            "model", "a DETR has no dense head: its decoder predicts a set of queries", "use RetinaNet or FCOS"
         )
     feats = list(features.values()) if isinstance(features, dict) else list(features)
     return model.head(feats)
@@ -557,7 +568,9 @@ def detection_losses(
     The pieces of torchvision's ``forward`` after ``transform`` and ``backbone``: RetinaNet ``head`` +
     ``anchor_generator`` + ``compute_loss`` (``classification``, ``bbox_regression``); FCOS likewise
     (+ ``bbox_ctrness``); Faster R-CNN ``rpn`` + ``roi_heads`` (``loss_objectness``, ``loss_rpn_box_reg``,
-    ``loss_classifier``, ``loss_box_reg``). The RPN and RoI heads must be in training mode.
+    ``loss_classifier``, ``loss_box_reg``); DETR: encoder + decoder + Hungarian losses (``loss_class``,
+    ``loss_bbox``, ``loss_giou`` summed over decoder layers, ``loss_dn_*`` with denoising groups). The RPN and RoI
+    heads must be in training mode.
 
     Args:
         model: the detector.
@@ -566,9 +579,11 @@ def detection_losses(
         targets: the transformed targets (boxes in the resized frame, labels 1..K).
 
     Returns:
-        ``(losses, head_outputs, anchors)``; the last two are ``None`` for Faster R-CNN.
+        ``(losses, head_outputs, anchors)``; the last two are ``None`` for Faster R-CNN and DETR.
     """
     family = detector_family(model)
+    if family == "detr":
+        return model.compute_losses(images, features, targets), None, None
     if family == "faster_rcnn":
         proposals, rpn_losses = model.rpn(images, features, targets)
         _, box_losses = model.roi_heads(features, proposals, images.image_sizes, targets)

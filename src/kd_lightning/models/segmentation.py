@@ -6,7 +6,8 @@ Each class *subclasses* torchvision's model (:class:`torchvision.models.segmenta
 ``{"out": logits [B, C, H, W] bilinearly upsampled to the input size (align_corners=False), "aux": ...}``.
 Nothing is downloaded: ``backbone_weights`` names a local file (``torch.load(weights_only=True)``).
 
-Backbones: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v3_large`` and ``tiny``.
+Backbones: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``, ``mobilenet_v3_large`` and
+``tiny``.
 
 - Dilated ResNets (DeepLab): ``output_stride=8`` replaces the strides of ``layer3``/``layer4`` by dilation 2/4
   (torchvision's ``replace_stride_with_dilation=[False, True, True]``; ``16``: ``[False, False, True]``).
@@ -17,7 +18,16 @@ Backbones: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_
 - MobileNetV3-Large: torchvision's ``deeplabv3_mobilenet_v3_large`` dilates only the last stage (output stride 16,
   ``output_stride=16`` reproduces it exactly); the default 8 also dilates the stride-16 stage (dilation 2, last
   stage 4), so that it pairs with a dilated ResNet teacher at the same resolution. CIRKD's and CWD's MobileNetV2
-  students are not in torchvision; MobileNetV3-Large is offered instead (not the paper's network).
+  students are not in torchvision's segmentation builders; see ``mobilenet_v2`` below.
+- MobileNetV2 (the light student of CIRKD, CWD and ACAM-KD): torchvision's ``mobilenet_v2(weights=None).features``
+  without its final 1x1 conv to 1280 channels, so the last map is the 320-channel block 17 (the ASPP input of
+  CIRKD's ``deeplabv3_mobile.py`` and mmseg's DeepLabV3-MobileNetV2). Dilated as CIRKD's ``MobileNetV2Dilated``
+  (the CSAIL ``_nostride_dilate`` rule): output stride 8 gives blocks 7-13 dilation 2 and blocks 14-17 dilation 4,
+  16 gives blocks 14-17 dilation 2; in each dilated block the former stride-2 3x3 conv gets stride 1 and half the
+  dilation, the other 3x3 convs the full dilation. Auxiliary map (CIRKD's MobileNetV2 has none): the deepest
+  stride-8 map, block 13 (96 channels, mmseg's auxiliary-head input) at output stride 8, block 6 (32 channels) at
+  16. Module names are torchvision's (``backbone.17.conv.1.0.weight``), so ImageNet ``features.*`` checkpoints
+  load through ``backbone_weights``. CIRKD's head on it is 128 wide (``head_channels=128``).
 - ``tiny``: four conv-BN-ReLU stages (``layer1..layer4``, widths ``tiny_widths``), strides 2/2/2/1 (dilation 2 in
   ``layer4``, output stride 8; ``16``: stride 2 in ``layer4``), feeding the same torchvision heads: for CPU
   experiments on small images (the digit scenes, 96x96); seconds per epoch on the project's 2-core CPU are in
@@ -29,7 +39,8 @@ Every model lists the tap names distillation methods use (:attr:`~DeepLabV3Segme
 ``aux_loss``, ``"aux_logits"`` (``aux_classifier``). Distil at the native stride (dense-baselines spec,
 section 0): the upsampled ``out`` changes CWD's scale and costs ~64x more.
 
-Pairs in mind: DeepLabV3-R101 -> DeepLabV3-R18 and -> DeepLabV3-MobileNetV3-Large (CIRKD, CWD); tiny
+Pairs in mind: DeepLabV3-R101 -> DeepLabV3-R18, -> DeepLabV3-MobileNetV2 (CIRKD, CWD, ACAM-KD) and
+-> DeepLabV3-MobileNetV3-Large; tiny
 ``(32, 64, 128)`` -> tiny ``(16, 32, 64)``.
 """
 
@@ -42,7 +53,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v3_large, resnet
+from torchvision.models import mobilenet_v2, mobilenet_v3_large, resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
@@ -63,7 +74,7 @@ __all__ = [
 ]
 
 #: Backbones of :class:`DeepLabV3Segmenter` and :class:`FCNSegmenter`.
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large", "tiny")
 #: Backbones of :class:`LRASPPSegmenter` (it needs a low- and a high-level map).
 LRASPP_BACKBONES = ("mobilenet_v3_large", "tiny")
 #: DeepLabV3 paper atrous rates by output stride (torchvision's DeepLabHead uses 12/24/36 at both).
@@ -186,6 +197,27 @@ def _mobilenet_features(output_stride: int) -> nn.Sequential:
     return features
 
 
+#: MobileNetV2 ``features`` blocks: first block of the stride-16 and stride-32 stages, the last 320-channel block,
+#: and the deepest stride-8 map at output stride 8 (after dilation) and 16.
+_MBV2_STRIDE16, _MBV2_STRIDE32, _MBV2_LAST = 7, 14, 17
+_MBV2_AUX = {8: 13, 16: 6}
+
+
+def _mobilenet_v2_features(output_stride: int) -> nn.Sequential:
+    """MobileNetV2 ``features[:18]`` (320 channels) dilated to ``output_stride`` 8 or 16 as CIRKD's
+    ``MobileNetV2Dilated``: a former stride-2 3x3 conv gets stride 1 and dilation ``d/2``, other 3x3 convs ``d``."""
+    features = mobilenet_v2(weights=None).features[: _MBV2_LAST + 1]
+    first = _MBV2_STRIDE16 if output_stride == 8 else _MBV2_STRIDE32
+    for index in range(first, _MBV2_LAST + 1):
+        dilation = 2 if index < _MBV2_STRIDE32 or output_stride == 16 else 4
+        block = features[index]
+        block.stride = 1  # use_res_connect was fixed at construction (stride-2 blocks change width anyway)
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size[0] > 1:
+                _dilate_conv(conv, dilation // 2 if conv.stride == (2, 2) else dilation)
+    return features
+
+
 def build_backbone(
     name: str,
     output_stride: int = 8,
@@ -200,7 +232,8 @@ def build_backbone(
         output_stride: 8 or 16 (the stride of the last map).
         tiny_widths: stage widths of the ``tiny`` backbone.
         aux: also return the auxiliary map: ``layer3`` of ResNets (stride 8, or 16 at output stride 16) and of
-            ``tiny`` (stride 8), MobileNetV3's stride-8 stage (as torchvision).
+            ``tiny`` (stride 8), MobileNetV3's stride-8 stage (as torchvision), MobileNetV2's deepest stride-8
+            block (13 at output stride 8, 6 at 16).
         low_high: return ``{"low": stride-8 map, "high": last map}`` (LRASPP) instead of ``{"out", "aux"}``.
     """
     _check_choice("backbone", name, BACKBONES)
@@ -211,6 +244,10 @@ def build_backbone(
         out_name, aux_name = "layer4", "layer3"
         expansion = 4 if name in ("resnet50", "resnet101") else 1
         out_channels, aux_channels = 512 * expansion, 256 * expansion
+    elif name == "mobilenet_v2":
+        net = _mobilenet_v2_features(output_stride)
+        out_name, aux_name = str(_MBV2_LAST), str(_MBV2_AUX[output_stride])
+        out_channels, aux_channels = net[_MBV2_LAST].out_channels, net[_MBV2_AUX[output_stride]].out_channels
     elif name == "mobilenet_v3_large":
         net = _mobilenet_features(output_stride)
         stage_indices = [0] + [i for i, b in enumerate(net) if getattr(b, "_is_cn", False)] + [len(net) - 1]
@@ -321,7 +358,8 @@ class DeepLabV3Segmenter(DeepLabV3):
 
     Args:
         num_classes: output classes (19 for Cityscapes trainIds).
-        backbone: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v3_large``, ``tiny``.
+        backbone: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``,
+            ``mobilenet_v3_large``, ``tiny``.
         aux_loss: add the auxiliary FCN head (``forward`` then also returns ``"aux"``).
         output_stride: 8 (dilated; torchvision's ResNet default) or 16.
         backbone_weights: a local backbone checkpoint (e.g. torchvision's ImageNet ``resnet18-f37072fd.pth``),

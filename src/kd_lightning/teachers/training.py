@@ -138,6 +138,7 @@ class TeacherTraining:
         seed: seed of the teacher's initialisation and data order (the cache key includes it).
         cache_dir: where trained teachers are stored, one folder per fingerprint.
         wait_seconds: how long a run waits for another process that is training the same teacher.
+        gradient_clip_val: clip the teacher's gradient norm to this value (``None``: no clipping; DETRs use 0.1).
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class TeacherTraining:
         seed: int = 0,
         cache_dir: str = "runs/teachers",
         wait_seconds: float = 3600.0,
+        gradient_clip_val: float | None = None,
     ) -> None:
         if max_epochs < 1:
             raise KDConfigError("teacher_training.max_epochs", f"must be >= 1, got {max_epochs}")
@@ -161,7 +163,10 @@ class TeacherTraining:
             raise KDConfigError("teacher_training.label_smoothing", f"must be in [0, 1), got {label_smoothing}")
         if wait_seconds <= 0:
             raise KDConfigError("teacher_training.wait_seconds", f"must be > 0, got {wait_seconds}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise KDConfigError("teacher_training.gradient_clip_val", f"must be > 0 or null, got {gradient_clip_val}")
         probe_optimizer("teacher_training.optimizer", optimizer)
+        self.gradient_clip_val = gradient_clip_val
         self.enabled = enabled
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -277,6 +282,7 @@ class TeacherTraining:
             trainer = L.Trainer(
                 max_epochs=self.max_epochs,
                 max_steps=self.max_steps,
+                gradient_clip_val=self.gradient_clip_val,
                 accelerator=accelerator,
                 devices=1,
                 strategy="auto",

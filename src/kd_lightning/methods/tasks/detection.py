@@ -216,10 +216,17 @@ class DetectionDistillation(DistillationModule):
         for field, network in self.networks_to_check().items():
             available = student_levels if network is self.student else fpn_levels(network)
             unknown = [level for level in levels if level not in available]
-            if unknown:
-                where = "distill_levels" if wanted is not None else f"{field} (the student's FPN levels)"
+            if unknown and wanted is None:
                 raise KDConfigError(
-                    where,
+                    f"model.init_args.{field}",
+                    f"the student's FPN levels {unknown} {'is' if len(unknown) == 1 else 'are'} not an FPN level "
+                    f"of the {field} {describe(network)} (its levels: {available})",
+                    "give both detectors the same FPN levels and strides (same family), or set "
+                    "model.init_args.distill_levels to levels that every network has",
+                )
+            if unknown:
+                raise KDConfigError(
+                    "distill_levels",
                     f"{unknown} {'is' if len(unknown) == 1 else 'are'} not an FPN level of the {field} "
                     f"{describe(network)} (its levels: {available})",
                     "set model.init_args.distill_levels to levels that every network has",

@@ -303,6 +303,13 @@ class SegmentationDistillation(DistillationModule):
         h, w = shapes["probe_shape"][1:]
         for role, s_shape in shapes["student"].items():
             t_shape = shapes["teacher"][role]
+            for key, shape in (("student", s_shape), ("teacher", t_shape)):
+                if len(shape) != 3:
+                    raise KDConfigError(
+                        f"model.init_args.{key}_maps",
+                        f"the {role!r} map is [N, {', '.join(map(str, shape))}], not [N, C, H, W]",
+                        "tap a convolutional map (a module whose output is [N, C, H, W])",
+                    )
             if s_shape[1:] != t_shape[1:]:
                 raise KDConfigError(
                     "model.init_args.student",
