@@ -136,7 +136,19 @@ def main(args: Sequence[str] | None = None) -> None:
         _fail(KDConfigError("command", f"unknown command {argv[0]!r}", f"{hint}commands: {', '.join(choices)}"))
     guarded(lambda: check_config_files(argv))
     # From the command line, LightningCLI reads sys.argv itself (given both, it warns about a possible mix-up).
-    guarded(lambda: KDCLI(args=None if args is None else argv))
+    try:
+        guarded(lambda: KDCLI(args=None if args is None else argv))
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Destroy the process group a DDP run left behind, so gloo/NCCL threads stop before the interpreter exits
+    (left running, they can abort the exit with ``terminate called without an active exception``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def fit_main() -> None:
