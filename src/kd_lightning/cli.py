@@ -55,7 +55,7 @@ from kd_lightning.errors import (
 from kd_lightning.methods.core import DistillationModule, config_managed
 from kd_lightning.models.checkpoints import TRUST_HELP, check_checkpoint_exists, read_checkpoint, trusted_checkpoints
 from kd_lightning.teachers.alone import TRAINER_BUDGET_KEYS, StudentAlone
-from kd_lightning.teachers.fingerprint import data_fingerprint_config, fingerprint, resolved
+from kd_lightning.teachers.fingerprint import data_fingerprint_config, fingerprint, resolved, teacher_data
 from kd_lightning.teachers.training import TeacherTraining
 
 __all__ = ["KDCLI", "USER_ERRORS", "explain", "run"]
@@ -225,7 +225,12 @@ class KDCLI(LightningCLI):
         given = model.teacher_ckpt if isinstance(model.teacher_ckpt, dict) else {}
         if isinstance(model.teacher_ckpt, str):
             return
-        missing = [name for name in model.teachers if not given.get(name)]
+        # A network that carries its own trained weights (``is_pretrained``: a zero-shot CLIP teacher) is not trained.
+        missing = [
+            name
+            for name in model.teachers
+            if not given.get(name) and not getattr(model.teachers[name], "is_pretrained", False)
+        ]
         if not missing:
             return
         settings: TeacherTraining = self.config_init[self.subcommand]["teacher_training"]
@@ -235,12 +240,14 @@ class KDCLI(LightningCLI):
                 "the teacher is used as constructed (e.g. pretrained weights)."
             )
             return
+        check_before_teacher = getattr(self.datamodule, "check_before_teacher", None)
+        if callable(check_before_teacher):
+            check_before_teacher()
         if getattr(self.datamodule, "num_classes", None) is not None:
             # Class counts, input shapes, vocabularies: checked now, not after the teacher's training.
             model.check_data(self.datamodule)
         init_args = config["model"]["init_args"]
-        data_config = data_fingerprint_config(config["data"])
-        data_config["identity"] = self.datamodule.data_identity() if hasattr(self.datamodule, "data_identity") else {}
+        data_config, teacher_datamodule = teacher_data(config["data"], self.datamodule)
         training_config = {
             k: v
             for k, v in resolved(config["teacher_training"]).items()
@@ -264,7 +271,7 @@ class KDCLI(LightningCLI):
             path, trained_now = settings.ensure(
                 type(model),
                 model.teachers[name],
-                self.datamodule,
+                teacher_datamodule,
                 key,
                 accelerator=trainer_config.get("accelerator") or "auto",
                 precision=trainer_config.get("precision"),

@@ -28,8 +28,12 @@ from kd_lightning.methods import (
     AT,
     BDKD,
     CRD,
+    DHO,
     DKD,
     DMAE,
+    KD3,
+    LELP,
+    LLKD,
     PLD,
     RKD,
     SKD,
@@ -67,9 +71,11 @@ from kd_lightning.methods import (
     SegmentationDistillation,
     SegmentationSupervised,
     SegPixelKD,
+    SemiSupervisedKD,
     SinKD,
     Supervised,
     SwingKD,
+    TalkingModels,
     TGeoKD,
     VanillaKD,
 )
@@ -270,6 +276,8 @@ QUALIFIES = [VanillaKD, DKD, LogitStandardKD, PLD, BiLD, DBiLD, KLMixingKD, SinK
 #: view space). AdaKD and TAID override training_step but call the base's: they opt in.
 REFUSED = [AT, CRD, FitNet, RKD, TRG, DMAE, MixKD, BDKD, GTSelfDistill, SwingKD, TGeoKD]
 REFUSED += [LMDistill, OnPolicyDistill, DecoupledKLDistill, EnsembleKD]
+#: The data-regime methods: two-part batches, features, their own heads.
+REFUSED += [SemiSupervisedKD, DHO, LLKD, LELP, KD3, TalkingModels]
 #: Supervised training of one network: no teacher to replace.
 NO_TEACHER = [Supervised, LMSupervised, DetectionSupervised, SegmentationSupervised]
 #: Task siblings of the core: bases, not methods.

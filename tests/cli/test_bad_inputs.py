@@ -145,6 +145,8 @@ DET = ("fit", "--config", "{configs}/digitscenes_det_cwd.yaml", "--data.init_arg
 SEG = ("fit", "--config", "{configs}/digitscenes_seg_student.yaml", "--data.init_args.root={tmp}/scenes/cityscapes")
 ACAM = ("fit", "--config", "{configs}/digitscenes_det_acam_kd.yaml", "--data.init_args.root={tmp}/scenes/coco")
 DETR = ("fit", "--config", "{configs}/digitscenes_detr_clockdistill.yaml", "--data.init_args.root={tmp}/scenes/coco")
+#: The semi-supervised digits recipe.
+SEMI = ("fit", "--config", "{configs}/digits_semi_kd.yaml")
 
 
 # ---------------------------------------------------------------------------------------------- the cases
@@ -724,6 +726,79 @@ CASES: list[Case] = [
         (*DET[:3], "--data={configs}/fragments/digits_data.yaml", "--teacher_training.enabled=false"),
         "data:",
         ("detection",),
+    ),
+    # --- data regimes: labeled + unlabeled, transfer sets, few classes
+    Case(
+        "labeled-fraction-range",
+        "asked for 100 % labels in a semi-supervised split",
+        (*SEMI, "--data.init_args.labeled_fraction=1.0"),
+        "data.init_args.labeled_fraction:",
+        ("(0, 1)",),
+    ),
+    Case(
+        "labeled-fraction-too-small",
+        "asked for 0.2 % labels on digits (less than one label per class)",
+        (*SEMI, "--data.init_args.labeled_fraction=0.002"),
+        "data.init_args.labeled_fraction:",
+        ("less than one label", "at least 1/"),
+        seconds=30.0,  # before any teacher is trained
+    ),
+    Case(
+        "plain-method-on-unlabeled-data",
+        "ran VanillaKD on a labeled + unlabeled split (it would ignore the unlabeled pool)",
+        (
+            *SEMI,
+            "--model=VanillaKD",
+            "--model.init_args.student={configs}/fragments/digits_student.yaml",
+            "--model.init_args.teacher={configs}/fragments/digits_teacher.yaml",
+        ),
+        "data:",
+        ("SemiSupervisedKD", "Supervised"),
+    ),
+    Case(
+        "transfer-set-shape",
+        "distilled an 8x8 digits teacher on a transfer set rendered at 3x32x32",
+        (
+            *SEMI,
+            "--data=TransferSetDataModule",
+            "--data.init_args.source={configs}/fragments/digits_data.yaml",
+            '--data.init_args.transfer={"class_path": "DigitsDataModule", "init_args": {"as_cifar": true}}',
+        ),
+        "data.init_args.transfer:",
+        ("(3, 32, 32)", "(1, 8, 8)"),
+    ),
+    Case(
+        "semi-method-on-labeled-data",
+        "ran DHO on plain labeled digits (no unlabeled pool to distil on)",
+        ("fit", "--config", "{configs}/digits_dho.yaml", "--data={configs}/fragments/digits_data.yaml"),
+        "data:",
+        ("wrap it", "SemiSupervisedDataModule"),
+    ),
+    Case(
+        "lelp-too-many-subclasses",
+        "asked LELP for more pseudo-subclasses per class than the teacher's embedding has directions",
+        ("fit", "--config", "{configs}/digits_lelp.yaml", "--model.init_args.num_subclasses=200"),
+        "model.init_args.num_subclasses:",
+        ("200",),
+    ),
+    Case(
+        "clip-checkpoint-missing",
+        "used the CLIP zero-shot teacher config without the local CLIP folder",
+        ("fit", "--config", "{configs}/digits_semi_kd_clip.yaml"),
+        "checkpoint:",
+        ("huggingface-cli download",),
+    ),
+    Case(
+        "class-groups-incomplete",
+        "left digit 9 out of the few-class groups",
+        (
+            *QS,
+            "--data=ClassGroupsDataModule",
+            "--data.init_args.source={configs}/fragments/digits_data.yaml",
+            "--data.init_args.class_groups=[[0,1,2,3,4],[5,6,7,8]]",
+        ),
+        "data.init_args.class_groups:",
+        ("[9]",),
     ),
 ]
 

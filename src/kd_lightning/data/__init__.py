@@ -7,26 +7,37 @@ from kd_lightning.data.coco import COCODetectionDataModule, detection_collate
 from kd_lightning.data.digit_scenes import make_scenes
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.digits_variants import DigitsVariantsDataModule
+from kd_lightning.data.digits_web import DigitsWebDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
 from kd_lightning.data.radioml import RadioMLDataModule
+from kd_lightning.data.semi_supervised import LABELED, UNLABELED, SemiSupervisedDataModule
 from kd_lightning.data.teacher_logits import TeacherLogitStore, write_teacher_logits
 from kd_lightning.data.text import ByteTokenizer, HFTokenizer, TextDataModule, TokenBatchLoader
+from kd_lightning.data.transfer import TransferSetDataModule
+from kd_lightning.data.wrappers import ClassGroupsDataModule, WrappedDataModule
 
 __all__ = [
+    "LABELED",
+    "UNLABELED",
     "ByteTokenizer",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "COCODetectionDataModule",
     "CityscapesDataModule",
+    "ClassGroupsDataModule",
     "DigitsDataModule",
     "DigitsVariantsDataModule",
+    "DigitsWebDataModule",
     "HFTokenizer",
     "ImageNetDataModule",
     "KDDataModule",
     "RadioMLDataModule",
+    "SemiSupervisedDataModule",
     "TeacherLogitStore",
     "TextDataModule",
     "TokenBatchLoader",
+    "TransferSetDataModule",
+    "WrappedDataModule",
     "detection_collate",
     "make_scenes",
     "stratified_split",

@@ -49,6 +49,10 @@ class KDDataModule(L.LightningDataModule, metaclass=ConfigFieldPrefix):
     #: The task the batches serve (``"classification"``, ``"language_modeling"``, ``"detection"``,
     #: ``"segmentation"``); methods of another task refuse the data module at setup.
     task: ClassVar[str] = "classification"
+    #: What the training batches carry: ``"supervised"`` (labeled batches), ``"semi_supervised"`` (labeled and
+    #: unlabeled parts, :mod:`kd_lightning.data.semi_supervised`) or ``"unlabeled"`` (inputs only: a transfer
+    #: set). Methods declare the regimes they train on and refuse the others at setup.
+    regime: ClassVar[str] = "supervised"
 
     def __init__(
         self,
@@ -97,6 +101,13 @@ class KDDataModule(L.LightningDataModule, metaclass=ConfigFieldPrefix):
         tells them apart, e.g. file names and sizes.
         """
         return {}
+
+    def check_before_teacher(self) -> None:
+        """Checks that should fail before a missing teacher is trained (minutes); the kd CLI calls it first.
+
+        Nothing by default; a data module whose arguments can only be checked against the data (a labeled
+        fraction against the class sizes) sets itself up here.
+        """
 
     def train_targets(self) -> torch.Tensor:
         """Class index of every item of the training set's index space (what ``return_index`` numbers)."""

@@ -22,11 +22,15 @@ from kd_lightning.methods.det_fpn_imitation import DetFPNImitation
 from kd_lightning.methods.det_logit_kd import DetLogitKD
 from kd_lightning.methods.det_mgd import DetMGD
 from kd_lightning.methods.det_pkd import DetPKD
+from kd_lightning.methods.dho import DHO
 from kd_lightning.methods.dkd import DKD
 from kd_lightning.methods.dmae import DMAE
 from kd_lightning.methods.ensemble_kd import EnsembleKD
 from kd_lightning.methods.fitnet import FitNet
+from kd_lightning.methods.kd3 import KD3
 from kd_lightning.methods.kl_mixing import KLMixingKD
+from kd_lightning.methods.lelp import LELP
+from kd_lightning.methods.llkd import LLKD
 from kd_lightning.methods.lm_distill import LMDistill
 from kd_lightning.methods.logit_standard_kd import LogitStandardKD
 from kd_lightning.methods.mix_kd import MixKD
@@ -38,10 +42,12 @@ from kd_lightning.methods.seg_cirkd import SegCIRKD
 from kd_lightning.methods.seg_cwd import SegCWD
 from kd_lightning.methods.seg_pixel_kd import SegPixelKD
 from kd_lightning.methods.self_distill import GTSelfDistill
+from kd_lightning.methods.semi_supervised_kd import SemiSupervisedKD
 from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.methods.skd import SKD
 from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.taid import TAID
+from kd_lightning.methods.talking_models import TalkingModels
 from kd_lightning.methods.tasks import (
     ClassificationDistillation,
     DetectionDistillation,
@@ -61,8 +67,12 @@ __all__ = [
     "AT",
     "BDKD",
     "CRD",
+    "DHO",
     "DKD",
     "DMAE",
+    "KD3",
+    "LELP",
+    "LLKD",
     "PLD",
     "RKD",
     "SKD",
@@ -101,9 +111,11 @@ __all__ = [
     "SegPixelKD",
     "SegmentationDistillation",
     "SegmentationSupervised",
+    "SemiSupervisedKD",
     "SinKD",
     "Supervised",
     "SwingKD",
     "TGeoKD",
+    "TalkingModels",
     "VanillaKD",
 ]

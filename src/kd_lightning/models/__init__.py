@@ -38,6 +38,7 @@ from .cifar import (
     ShuffleNetV2,
     WideResNet,
 )
+from .clip_zero_shot import CLIPZeroShotClassifier
 from .detection import FasterRCNNDetector, FCOSDetector, LevelAdapters, RetinaNetDetector
 from .detr import DETRDetector
 from .lm import HFCausalLM, TinyGPT
@@ -66,6 +67,7 @@ __all__ = [
     "CIFARResNet18",
     "CIFARResNet34",
     "CIFARResNet50",
+    "CLIPZeroShotClassifier",
     "CifarModel",
     "ClST",
     "DETRDetector",

@@ -10,24 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kd_lightning.utils.fingerprint import json_digest
+from kd_lightning.utils.fingerprint import DATA_KEYS_NOT_IN_FINGERPRINT, json_digest
 
-__all__ = ["DATA_KEYS_NOT_IN_FINGERPRINT", "data_fingerprint_config", "fingerprint", "resolved"]
+__all__ = ["DATA_KEYS_NOT_IN_FINGERPRINT", "data_fingerprint_config", "fingerprint", "resolved", "teacher_data"]
 
-#: Data-module arguments that do not change which samples or transforms a teacher sees.
-DATA_KEYS_NOT_IN_FINGERPRINT = frozenset(
-    {
-        "root",
-        "download",
-        "num_workers",
-        "pin_memory",
-        "eval_batch_size",
-        "checksum",
-        "return_index",
-        "meta_split",  # the teacher trains on the whole training set (see KDDataModule.full_training_set)
-        "meta_batch_size",
-    }
-)
 #: Version of the key layout; bump it when what a key covers changes.
 FINGERPRINT_VERSION = 2
 
@@ -58,3 +44,19 @@ def data_fingerprint_config(data_config: Any) -> dict[str, Any]:
         "class_path": data_config.get("class_path"),
         "init_args": {k: v for k, v in init_args.items() if k not in DATA_KEYS_NOT_IN_FINGERPRINT},
     }
+
+
+def teacher_data(data_config: Any, datamodule: Any) -> tuple[dict[str, Any], Any]:
+    """``(fingerprint part, data module)`` of the data a teacher trained for a run learns from.
+
+    A wrapping data module names, by ``teacher_data_key``, the init argument whose data its teachers train on
+    (a semi-supervised split's ``source``, a transfer set's ``source``); this follows those links, so the
+    teacher of a wrapped run is the teacher of its source (one cache entry, trained once).
+    """
+    config = resolved(data_config)
+    while datamodule is not None and (key := getattr(datamodule, "teacher_data_key", None)):
+        config = (config.get("init_args") or {})[key]
+        datamodule = getattr(datamodule, key)
+    part = data_fingerprint_config(config)
+    part["identity"] = datamodule.data_identity() if hasattr(datamodule, "data_identity") else {}
+    return part, datamodule

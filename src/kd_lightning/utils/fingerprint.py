@@ -15,7 +15,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["json_digest", "module_digest", "update_with_tensor"]
+__all__ = ["DATA_KEYS_NOT_IN_FINGERPRINT", "json_digest", "module_digest", "update_with_tensor"]
+
+#: Data-module arguments that do not change which samples or transforms a teacher sees.
+DATA_KEYS_NOT_IN_FINGERPRINT = frozenset(
+    {
+        "root",
+        "download",
+        "num_workers",
+        "pin_memory",
+        "eval_batch_size",
+        "checksum",
+        "return_index",
+        "meta_split",  # the teacher trains on the whole training set (see KDDataModule.full_training_set)
+        "meta_batch_size",
+    }
+)
 
 
 def json_digest(payload: Mapping[str, Any], length: int = 16) -> str:

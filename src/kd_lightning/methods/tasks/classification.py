@@ -18,12 +18,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.data.semi_supervised import LABELED, UNLABELED
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.divergences import forward_kl
 from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
 
-__all__ = ["ClassificationDistillation", "Supervised", "check_class_targets"]
+__all__ = ["ClassificationDistillation", "Supervised", "check_class_targets", "regime_parts"]
 
 
 def check_class_targets(target: Tensor, num_classes: int | None, where: str = "data", check_range: bool = True) -> None:
@@ -52,6 +53,28 @@ def check_class_targets(target: Tensor, num_classes: int | None, where: str = "d
             )
 
 
+REGIME_WORDS = {
+    "supervised": "labeled",
+    "semi_supervised": "labeled + unlabeled",
+    "unlabeled": "unlabeled (inputs-only)",
+}
+
+
+def regime_parts(batch: Any) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
+    """``(labeled (x, y) or None, unlabeled (x, pool_index) or None)`` of a training batch of any regime.
+
+    A plain ``(x, y, ...)`` batch is all labeled; the data-regime wrappers serve ``{"labeled": (x, y),
+    "unlabeled": (x, pool_index)}`` (:mod:`kd_lightning.data.semi_supervised`), either part possibly absent.
+    """
+    if isinstance(batch, Mapping) and (LABELED in batch or UNLABELED in batch):
+        labeled, unlabeled = batch.get(LABELED), batch.get(UNLABELED)
+        return (
+            None if labeled is None else (labeled[0], labeled[1]),
+            None if unlabeled is None else (unlabeled[0], unlabeled[1]),
+        )
+    return ClassificationDistillation.unpack(batch), None
+
+
 class ClassificationDistillation(DistillationModule):
     """Classification: a student classifier learns from frozen teacher classifier(s).
 
@@ -77,6 +100,9 @@ class ClassificationDistillation(DistillationModule):
     #: cache can replace it). ``None`` decides from the class: ``True`` when it keeps the base's ``training_loss``,
     #: ``training_step`` and ``teacher_forward`` and does not train its teacher.
     uses_teacher_logits_only: ClassVar[bool | None] = None
+    #: The data regimes this method trains on (a data module's ``regime``): ``"supervised"`` (labeled batches),
+    #: ``"semi_supervised"`` (labeled + unlabeled parts) and/or ``"unlabeled"`` (a transfer set, inputs only).
+    data_regimes: ClassVar[frozenset[str]] = frozenset({"supervised"})
 
     def __init__(
         self,
@@ -102,10 +128,47 @@ class ClassificationDistillation(DistillationModule):
     # ------------------------------------------------------------------ batches and checks
     @staticmethod
     def unpack(batch: Any) -> tuple[Tensor, Tensor]:
-        """Inputs and targets of a batch ``(x, y, *extras)`` or ``{"input": x, "target": y}``."""
+        """Inputs and targets of a batch ``(x, y, *extras)`` or ``{"input": x, "target": y}``; of a data-regime
+        batch, its labeled part."""
         if isinstance(batch, Mapping):
+            if LABELED in batch or UNLABELED in batch:
+                if batch.get(LABELED) is None:
+                    raise KDConfigError("data", "the training batches have no labeled part", "use labeled data")
+                return batch[LABELED][0], batch[LABELED][1]
             return batch["input"], batch["target"]
         return batch[0], batch[1]
+
+    def inputs_of(self, batch: Any) -> Any:
+        labeled, unlabeled = regime_parts(batch)
+        return (labeled or unlabeled)[0]  # type: ignore[index]
+
+    def batch_size_of(self, batch: Any) -> int:
+        labeled, unlabeled = regime_parts(batch)
+        return sum(int(part[0].shape[0]) for part in (labeled, unlabeled) if part is not None)
+
+    def check_regime(self, datamodule: Any) -> None:
+        """The data module's ``regime`` must be one of :attr:`data_regimes`.
+
+        Raises:
+            KDConfigError: naming the data module, what it serves and what to use instead.
+        """
+        regime = getattr(datamodule, "regime", "supervised")
+        if regime in self.data_regimes:
+            return
+        name, data_name = type(self).__name__, type(datamodule).__name__
+        wants = " or ".join(REGIME_WORDS[r] for r in sorted(self.data_regimes))
+        if regime == "supervised":
+            fix = (
+                "wrap it: data.class_path SemiSupervisedDataModule (or TransferSetDataModule) with "
+                "data.init_args.source set to this data module"
+            )
+        elif regime == "semi_supervised":
+            fix = "use a method for it (SemiSupervisedKD, DHO, LLKD), Supervised for the labels alone, or the source"
+        else:
+            fix = "use a method that distils without labels (SemiSupervisedKD, LLKD, KD3)"
+        raise KDConfigError(
+            "data", f"{data_name} serves {REGIME_WORDS[regime]} batches but {name} trains on {wants} data", fix
+        )
 
     def check_targets(self, target: Tensor) -> None:
         """:func:`check_class_targets` with the range check on the first training batch of each fit only."""
@@ -121,6 +184,8 @@ class ClassificationDistillation(DistillationModule):
         return {"student": self.student, **self.teacher_fields()}
 
     def check_data(self, datamodule: Any) -> None:
+        if datamodule is not None:
+            self.check_regime(datamodule)
         data_classes = getattr(datamodule, "num_classes", None)
         data_name = type(datamodule).__name__ if datamodule is not None else "the data"
         if self.num_classes is None:
@@ -308,6 +373,9 @@ class Supervised(SingleNetwork, ClassificationDistillation):
         **kwargs: ``optimizer``, ``lr_scheduler``, ``num_classes``, ``top_k`` and the speed switches of
             :class:`ClassificationDistillation`.
     """
+
+    #: On labeled + unlabeled data it trains on the labeled part only (the "labels alone" baseline).
+    data_regimes: ClassVar[frozenset[str]] = frozenset({"supervised", "semi_supervised"})
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(student=model, **kwargs)
