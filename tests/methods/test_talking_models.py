@@ -110,6 +110,16 @@ def test_gradients_reach_student_coders_and_new_head_never_the_teacher() -> None
     assert all(p.grad is None and not p.requires_grad for p in m.teacher.parameters())
 
 
+def test_teacher_coder_can_stay_fixed() -> None:
+    m = method(teacher_coder_trainable=False)
+    terms, _ = m.training_loss(batch())
+    terms["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in m.teacher_coder.parameters())
+    assert all(grads(m.student_coder).values())
+    trainable = {id(p) for p in m.trainable_parameters()}
+    assert not any(id(p) in trainable for p in m.teacher_coder.parameters())
+
+
 def test_interactive_round_runs_through_the_frozen_teacher_to_the_student_backbone() -> None:
     # only the interactive KL: the student's backbone and Dec_T learn only through the teacher's frozen layers
     m = method(teacher_layer="blocks.1", teacher_response_layer="fc:input", task_weight=0, ae_weight=0, t2s_weight=0)

@@ -94,6 +94,8 @@ class TalkingModels(FeatureDistillationModule):
         temperature: τ.
         ae_student_grad: let L_ae's gradient reach the student's backbone (default: coders only).
         t2s_detach_student: stop-gradient on h_S in L_t2s, as in the spec (``False`` pulls h_S toward ĥ_S).
+        teacher_coder_trainable: whether the teacher's encoder/decoder (and response encoder) train; ``False``
+            keeps them at their (seeded) initialisation, so only the student side adapts to the message space.
         teacher_warmup_epochs: first epochs in which only the teacher side trains (Enc_T/Dec_T by L_ae, a new
             H_T by its CE); the student is not run.
         student_rest_grad: the runs of ``S_{>l}`` on decoded states (t2s_task, the interactive round) update
@@ -131,6 +133,7 @@ class TalkingModels(FeatureDistillationModule):
         ae_student_grad: bool = False,
         t2s_detach_student: bool = True,
         teacher_warmup_epochs: int = 0,
+        teacher_coder_trainable: bool = True,
         student_rest_grad: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -197,6 +200,7 @@ class TalkingModels(FeatureDistillationModule):
         self.ae_student_grad = ae_student_grad
         self.t2s_detach_student = t2s_detach_student
         self.teacher_warmup_epochs = teacher_warmup_epochs
+        self.teacher_coder_trainable = teacher_coder_trainable
         self.student_rest_grad = student_rest_grad
         teacher_taps = [teacher_layer, teacher_response_layer, head_input]
         super().__init__(
@@ -238,6 +242,10 @@ class TalkingModels(FeatureDistillationModule):
         if self.teacher_response_layer is not None:
             dim = math.prod(teacher[self.teacher_response_layer])
             self.response_encoder = MessageEncoder(dim, self.message_dim, self.coder_hidden_dim, self.message_norm)
+        if not self.teacher_coder_trainable:  # the teacher's side of the message space stays at its initialisation
+            self.teacher_coder.requires_grad_(False)
+            if self.response_encoder is not None:
+                self.response_encoder.requires_grad_(False)
         self.teacher_task_head: nn.Module | None = None
         if self.teacher_head_input is not None:
             classes = int(self.feature_shapes["teacher_classes"]) if self.feature_shapes else self.num_classes
