@@ -452,9 +452,9 @@ def _has_split(datamodule: Any, stage: str) -> bool:
 
 
 def _primary_metric(results: dict[str, Any]) -> str:
-    """The metric the summary leads with: accuracy, box mAP or mIoU when there is one, else perplexity, else the
-    loss."""
-    for name in ("acc", "map", "miou", "ppl", "loss"):
+    """The metric the summary leads with: accuracy, box mAP, mIoU, nDCG@10 or FID when there is one, else perplexity,
+    else the loss."""
+    for name in ("acc", "map", "miou", "ndcg10", "fid", "ppl", "loss"):
         if any(k.endswith("/" + name) for k in results):
             return name
     return "loss"
@@ -462,7 +462,7 @@ def _primary_metric(results: dict[str, Any]) -> str:
 
 def _metric_line(results: dict[str, Any], prefix: str, primary: str, label: str = "val") -> str:
     value = results.get(prefix + primary)
-    percent = primary in ("acc", "map", "miou")
+    percent = primary in ("acc", "map", "miou", "ndcg10")
     text = f"{label} {primary} " + (_pct(value) if percent else ("n/a" if value is None else f"{value:.4f}"))
     agreement = results.get(prefix + "agreement")
     if agreement is not None and "teacher_" not in prefix:
@@ -507,7 +507,7 @@ def explain(message: str) -> KDConfigError:
         name = (match.group(1) or match.group(2)).strip("'\"")
         known = _known_classes(path)
         hint = _did_you_mean(name.split(".")[-1], known) or ""
-        listing = f"kd-lightning ships {', '.join(known[:40])}" if known else "give a full import path"
+        listing = _shipped(path, known) if known else "give a full import path"
         return KDConfigError(path or "class_path", f"unknown class {name!r}", f"{hint + '; ' if hint else ''}{listing}")
     match = re.search(r"unrecognized arguments: (.+)", text)
     if match:
@@ -629,6 +629,29 @@ def _known_options(owner: str) -> list[str]:
 def _did_you_mean(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
     return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?" if close else ""
+
+
+#: Classes named first when the whole list of a slot is too long for one line.
+_FEATURED = {
+    "model": ("VanillaKD", "DKD", "LogitStandardKD", "PLD", "FitNet", "AT", "RKD", "CRD", "EnsembleKD", "Supervised"),
+    "data": ("DigitsDataModule", "CIFAR100DataModule", "ImageNetDataModule", "COCODetectionDataModule"),
+    "networks": ("SmallCNN", "MLP", "ResNet8x4", "ResNet32x4", "WRN40_2", "MobileNetV2", "ShuffleNetV1"),
+}
+#: Longest list of names (characters) a message spells out in full.
+_LISTED_CHARS = 300
+
+
+def _shipped(path: str, known: list[str]) -> str:
+    """What kd-lightning ships for a config slot, within one line: every name, or a few and where to list all."""
+    if len(", ".join(known)) <= _LISTED_CHARS:
+        return f"kd-lightning ships {', '.join(known)}"
+    featured = [n for n in _FEATURED.get(path if path in ("model", "data") else "networks", ()) if n in known]
+    featured = featured or known[:12]
+    module = {"model": "methods", "data": "data"}.get(path, "models")
+    return (
+        f"kd-lightning ships {len(known)} classes here, e.g. {', '.join(featured)} "
+        f"(all: python -c 'import kd_lightning.{module} as m; print(m.__all__)')"
+    )
 
 
 def _known_classes(path: str) -> list[str]:

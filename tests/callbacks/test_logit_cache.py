@@ -27,10 +27,12 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.methods import (
     AT,
     BDKD,
+    BOOT,
     CRD,
     DHO,
     DKD,
     DMAE,
+    FFG2M,
     KD3,
     LELP,
     LLKD,
@@ -54,6 +56,8 @@ from kd_lightning.methods import (
     DetLogitKD,
     DetMGD,
     DetPKD,
+    DiffusionDistillation,
+    DiffusionSupervised,
     EnsembleKD,
     FitNet,
     GTSelfDistill,
@@ -64,7 +68,12 @@ from kd_lightning.methods import (
     LogitStandardKD,
     MaskedImageDistillation,
     MixKD,
+    MSTDistill,
+    NodeClassificationDistillation,
+    NodeSupervised,
     OnPolicyDistill,
+    RetrievalDistillation,
+    RetrievalSupervised,
     SegACAMKD,
     SegCIRKD,
     SegCWD,
@@ -73,6 +82,7 @@ from kd_lightning.methods import (
     SegPixelKD,
     SemiSupervisedKD,
     SinKD,
+    SparseEnsembleKD,
     Supervised,
     SwingKD,
     TalkingModels,
@@ -278,6 +288,8 @@ REFUSED = [AT, CRD, FitNet, RKD, TRG, DMAE, MixKD, BDKD, GTSelfDistill, SwingKD,
 REFUSED += [LMDistill, OnPolicyDistill, DecoupledKLDistill, EnsembleKD]
 #: The data-regime methods: two-part batches, features, their own heads.
 REFUSED += [SemiSupervisedKD, DHO, LLKD, LELP, KD3, TalkingModels]
+#: Co-trains its teachers in stage 1 and distils from masked experts.
+REFUSED += [MSTDistill]
 #: Supervised training of one network: no teacher to replace.
 NO_TEACHER = [Supervised, LMSupervised, DetectionSupervised, SegmentationSupervised]
 #: Task siblings of the core: bases, not methods.
@@ -287,6 +299,9 @@ BASES = [
     MaskedImageDistillation,
     DetectionDistillation,
     SegmentationDistillation,
+    NodeClassificationDistillation,
+    RetrievalDistillation,
+    DiffusionDistillation,
 ]
 #: Dense-prediction methods: their teachers give feature maps and boxes, not per-image class logits.
 OTHER_TASKS = [
@@ -302,6 +317,13 @@ OTHER_TASKS = [
     SegCWD,
     SegCIRKD,
     SegACAMKD,
+    # Graphs, retrieval and diffusion: no per-sample class logits of a view of the batch.
+    FFG2M,
+    NodeSupervised,
+    SparseEnsembleKD,
+    RetrievalSupervised,
+    BOOT,
+    DiffusionSupervised,
 ]
 
 

@@ -24,6 +24,7 @@ import torch
 
 from kd_lightning.commands import main
 from tests.helpers.cli import CONFIGS_DIR, REPO, TINY_DIGITS
+from tests.helpers.retrieval_data import write_beir
 
 DOC = REPO / "docs" / "bad_inputs.md"
 MARKER = "pwned-marker.txt"
@@ -147,6 +148,15 @@ ACAM = ("fit", "--config", "{configs}/digitscenes_det_acam_kd.yaml", "--data.ini
 DETR = ("fit", "--config", "{configs}/digitscenes_detr_clockdistill.yaml", "--data.init_args.root={tmp}/scenes/coco")
 #: The semi-supervised digits recipe.
 SEMI = ("fit", "--config", "{configs}/digits_semi_kd.yaml")
+
+
+def _beir_with_unknown_id(folder: Path) -> None:
+    """A tiny BEIR folder whose dev qrels name a document the corpus lacks."""
+    write_beir(folder, extra_dev_lines=["q24\td99\t1"])
+
+
+def _idf_of_another_tokenizer(path: Path) -> None:
+    path.write_text('{"[CLS]": 0.0, "zebrafish": 7.1, "##ology": 3.2, "the": 0.4}')
 
 
 # ---------------------------------------------------------------------------------------------- the cases
@@ -799,6 +809,84 @@ CASES: list[Case] = [
         ),
         "data.init_args.class_groups:",
         ("[9]",),
+    ),
+    # --- other domains: paired modalities, graphs, retrieval, diffusion, student search
+    Case(
+        "paired-missing-modality",
+        "served only the signal (m2) of the audio-visual digits to an image (m1) student",
+        ("fit", "--config", "{configs}/digits_av_student.yaml", "--data.init_args.modalities=[m2]"),
+        "model.init_args.model.init_args.modalities:",
+        ("'m1'", "['m2']"),
+    ),
+    Case(
+        "mst-unknown-layer",
+        "named an MST expert layer the teacher does not have",
+        ("fit", "--config", "{configs}/digits_av_mst.yaml", "--model.init_args.mask_layers.multimodal=[net.fc3]"),
+        "model.init_args.mask_layers:",
+        ("net.fc3", "net.fc2"),
+    ),
+    Case(
+        "graph-files-missing",
+        "pointed the Cora config at a folder without the Planetoid files",
+        ("fit", "--config", "{configs}/cora_ff_g2m.yaml", "--data.init_args.root={tmp}/empty"),
+        "data.init_args.root:",
+        ("ind.cora.x", "download"),
+    ),
+    Case(
+        "graph-mlp-input-width",
+        "built the graph student MLP for 32 input features (the digits graph has 64)",
+        ("fit", "--config", "{configs}/digits_graph_ff_g2m.yaml", "--model.init_args.student.init_args.in_channels=32"),
+        "model.init_args.student:",
+        ("in_channels: 64",),
+    ),
+    Case(
+        "retrieval-qrels-unknown-doc",
+        "gave retrieval qrels naming a document id the corpus does not have",
+        (
+            "fit",
+            "--config",
+            "{configs}/stdlib_retrieval_ensemble_kd.yaml",
+            "--data.init_args.source=beir",
+            "--data.init_args.path={tmp}/beir",
+        ),
+        "data.init_args.path:",
+        ("d99", "unknown_ids=skip"),
+        files={"beir": _beir_with_unknown_id},
+    ),
+    Case(
+        "retrieval-idf-other-tokenizer",
+        "gave the sparse student an IDF table made with another tokenizer",
+        (
+            "fit",
+            "--config",
+            "{configs}/stdlib_retrieval_ensemble_kd.yaml",
+            "--data.init_args.source=beir",
+            "--data.init_args.path={tmp}/beir",
+            "--model.init_args.idf_path={tmp}/idf.json",
+        ),
+        "model.init_args.idf_path:",
+        ("zebrafish", "leave idf_path empty"),
+        files={"beir": write_beir, "idf.json": _idf_of_another_tokenizer},
+    ),
+    Case(
+        "diffusion-prediction-type",
+        "gave the diffusion teacher a prediction type its scheduler does not support",
+        (
+            "fit",
+            "--config",
+            "{configs}/digits_boot.yaml",
+            "--model.init_args.teachers.diffusion.init_args.prediction_type=flow_prediction",
+        ),
+        "model.init_args.teachers.diffusion.init_args.prediction_type:",
+        ("epsilon", "v_prediction"),
+    ),
+    Case(
+        "search-no-candidate-under-budget",
+        "asked the student search for a budget no candidate fits",
+        ("search-student", "--config", "{configs}/search/digits_diswot.yaml", "--budget.max_params=50"),
+        "budget.max_params:",
+        ("94",),
+        tiny=False,
     ),
 ]
 

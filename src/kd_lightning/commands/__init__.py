@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-stats": ("kd_lightning.commands.model_stats", "Parameters and MACs of networks"),
     "lm-teacher-logits": ("kd_lightning.commands.lm_teacher_logits", "Store an LM teacher's top-k log-probabilities"),
     "bench": ("kd_lightning.commands.bench", "Grids of methods x seeds x data through kd fit: tables and plots"),
+    "search-student": ("kd_lightning.commands.search_student", "DisWOT: training-free student architecture search"),
 }
 
 

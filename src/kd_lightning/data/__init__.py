@@ -8,8 +8,12 @@ from kd_lightning.data.digit_scenes import make_scenes
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.digits_variants import DigitsVariantsDataModule
 from kd_lightning.data.digits_web import DigitsWebDataModule
+from kd_lightning.data.graph import CoauthorAmazonDataModule, DigitsGraphDataModule, PlanetoidDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
+from kd_lightning.data.noise import NoiseDataModule
+from kd_lightning.data.paired import AVDigitsDataModule, AVMNISTDataModule, PairedDataModule
 from kd_lightning.data.radioml import RadioMLDataModule
+from kd_lightning.data.retrieval import RetrievalDataModule
 from kd_lightning.data.semi_supervised import LABELED, UNLABELED, SemiSupervisedDataModule
 from kd_lightning.data.teacher_logits import TeacherLogitStore, write_teacher_logits
 from kd_lightning.data.text import ByteTokenizer, HFTokenizer, TextDataModule, TokenBatchLoader
@@ -19,19 +23,27 @@ from kd_lightning.data.wrappers import ClassGroupsDataModule, WrappedDataModule
 __all__ = [
     "LABELED",
     "UNLABELED",
+    "AVDigitsDataModule",
+    "AVMNISTDataModule",
     "ByteTokenizer",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "COCODetectionDataModule",
     "CityscapesDataModule",
     "ClassGroupsDataModule",
+    "CoauthorAmazonDataModule",
     "DigitsDataModule",
+    "DigitsGraphDataModule",
     "DigitsVariantsDataModule",
     "DigitsWebDataModule",
     "HFTokenizer",
     "ImageNetDataModule",
     "KDDataModule",
+    "NoiseDataModule",
+    "PairedDataModule",
+    "PlanetoidDataModule",
     "RadioMLDataModule",
+    "RetrievalDataModule",
     "SemiSupervisedDataModule",
     "TeacherLogitStore",
     "TextDataModule",

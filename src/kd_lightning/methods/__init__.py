@@ -10,6 +10,7 @@ from kd_lightning.methods.adakd import AdaKD
 from kd_lightning.methods.attention_transfer import AT
 from kd_lightning.methods.bd_kd import BDKD
 from kd_lightning.methods.bild import BiLD
+from kd_lightning.methods.boot import BOOT
 from kd_lightning.methods.core import DistillationModule
 from kd_lightning.methods.crd import CRD
 from kd_lightning.methods.dbild import DBiLD
@@ -26,6 +27,7 @@ from kd_lightning.methods.dho import DHO
 from kd_lightning.methods.dkd import DKD
 from kd_lightning.methods.dmae import DMAE
 from kd_lightning.methods.ensemble_kd import EnsembleKD
+from kd_lightning.methods.ff_g2m import FFG2M
 from kd_lightning.methods.fitnet import FitNet
 from kd_lightning.methods.kd3 import KD3
 from kd_lightning.methods.kl_mixing import KLMixingKD
@@ -34,6 +36,7 @@ from kd_lightning.methods.llkd import LLKD
 from kd_lightning.methods.lm_distill import LMDistill
 from kd_lightning.methods.logit_standard_kd import LogitStandardKD
 from kd_lightning.methods.mix_kd import MixKD
+from kd_lightning.methods.mst_distill import MSTDistill
 from kd_lightning.methods.on_policy import OnPolicyDistill
 from kd_lightning.methods.pld import PLD
 from kd_lightning.methods.rkd import RKD
@@ -45,6 +48,7 @@ from kd_lightning.methods.self_distill import GTSelfDistill
 from kd_lightning.methods.semi_supervised_kd import SemiSupervisedKD
 from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.methods.skd import SKD
+from kd_lightning.methods.sparse_ensemble_kd import SparseEnsembleKD
 from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.taid import TAID
 from kd_lightning.methods.talking_models import TalkingModels
@@ -52,9 +56,15 @@ from kd_lightning.methods.tasks import (
     ClassificationDistillation,
     DetectionDistillation,
     DetectionSupervised,
+    DiffusionDistillation,
+    DiffusionSupervised,
     LanguageModelDistillation,
     LMSupervised,
     MaskedImageDistillation,
+    NodeClassificationDistillation,
+    NodeSupervised,
+    RetrievalDistillation,
+    RetrievalSupervised,
     SegmentationDistillation,
     SegmentationSupervised,
     Supervised,
@@ -66,10 +76,12 @@ from kd_lightning.methods.vanilla_kd import VanillaKD
 __all__ = [
     "AT",
     "BDKD",
+    "BOOT",
     "CRD",
     "DHO",
     "DKD",
     "DMAE",
+    "FFG2M",
     "KD3",
     "LELP",
     "LLKD",
@@ -93,6 +105,8 @@ __all__ = [
     "DetPKD",
     "DetectionDistillation",
     "DetectionSupervised",
+    "DiffusionDistillation",
+    "DiffusionSupervised",
     "DistillationModule",
     "EnsembleKD",
     "FitNet",
@@ -102,9 +116,14 @@ __all__ = [
     "LMSupervised",
     "LanguageModelDistillation",
     "LogitStandardKD",
+    "MSTDistill",
     "MaskedImageDistillation",
     "MixKD",
+    "NodeClassificationDistillation",
+    "NodeSupervised",
     "OnPolicyDistill",
+    "RetrievalDistillation",
+    "RetrievalSupervised",
     "SegACAMKD",
     "SegCIRKD",
     "SegCWD",
@@ -113,6 +132,7 @@ __all__ = [
     "SegmentationSupervised",
     "SemiSupervisedKD",
     "SinKD",
+    "SparseEnsembleKD",
     "Supervised",
     "SwingKD",
     "TGeoKD",

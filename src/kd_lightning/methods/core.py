@@ -28,7 +28,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -81,6 +81,30 @@ def config_managed() -> Iterator[None]:
 def describe(module: nn.Module | None) -> str:
     """The class name of a module (``"None"`` for no module), for messages."""
     return type(module).__name__ if module is not None else "None"
+
+
+def class_count(
+    method: str, num_classes: int | None, datamodule: Any, fix: str = "use a data module with a num_classes attribute"
+) -> int:
+    """The class count of a run: the method's ``num_classes`` if given, else the data module's; they must agree.
+
+    Raises:
+        KDConfigError: on ``model.init_args.num_classes`` when the two differ or neither is known.
+    """
+    data_name = type(datamodule).__name__ if datamodule is not None else "the data"
+    data_classes = getattr(datamodule, "num_classes", None)
+    if num_classes is not None and data_classes is not None and data_classes != num_classes:
+        raise KDConfigError(
+            "model.init_args.num_classes",
+            f"is {num_classes} but {data_name} has {data_classes} classes",
+            f"set num_classes to {data_classes} (or leave it empty to take the data's)",
+        )
+    resolved = num_classes if num_classes is not None else data_classes
+    if resolved is None:
+        raise KDConfigError(
+            "model.init_args.num_classes", f"{method} does not know the class count", f"pass num_classes or {fix}"
+        )
+    return int(resolved)
 
 
 def first_tensor(value: Any) -> Tensor | None:
@@ -253,7 +277,7 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
     takes_teacher: ClassVar[bool] = True
     #: The module ``kd fit`` trains a missing teacher with (the task's supervised module), called as
     #: ``teacher_training_module(model=network, optimizer=..., lr_scheduler=..., **task_arguments)``.
-    teacher_training_module: ClassVar[type[DistillationModule] | None] = None
+    teacher_training_module: ClassVar[Callable[..., DistillationModule] | None] = None
     #: Arguments holding objects (networks, callables): not stored as hyperparameters outside the CLI.
     object_arguments: ClassVar[tuple[str, ...]] = (
         "model",

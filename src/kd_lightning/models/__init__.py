@@ -41,11 +41,16 @@ from .cifar import (
 from .clip_zero_shot import CLIPZeroShotClassifier
 from .detection import FasterRCNNDetector, FCOSDetector, LevelAdapters, RetinaNetDetector
 from .detr import DETRDetector
+from .diffusion import DiffusionUNet
+from .graph import GATNet, GCNNet, GraphMLP, SAGENet
 from .lm import HFCausalLM, TinyGPT
 from .mae_decoder import MAEDecoder, MAEDecoderBlock
+from .multimodal import LateFusionNet, ModalityNet, SignalNet
 from .radioml import KDCNN, ClST, KDMobileNet
+from .search import NB201Network
 from .segmentation import DeepLabV3Segmenter, FCNSegmenter, LRASPPSegmenter
 from .small import MLP, SmallCNN
+from .sparse_retrieval import BM25Scorer, DenseBiEncoder, SiameseSparseEncoder, SpladeDocumentEncoder
 from .taps import FeatureTaps, UnknownModuleError, module_names
 from .wrappers import TimmModel, TorchvisionModel
 
@@ -63,6 +68,7 @@ __all__ = [
     "WRN16_2",
     "WRN40_1",
     "WRN40_2",
+    "BM25Scorer",
     "CIFARResNet",
     "CIFARResNet18",
     "CIFARResNet34",
@@ -72,17 +78,25 @@ __all__ = [
     "ClST",
     "DETRDetector",
     "DeepLabV3Segmenter",
+    "DenseBiEncoder",
+    "DiffusionUNet",
     "FCNSegmenter",
     "FCOSDetector",
     "FasterRCNNDetector",
     "FeatureTaps",
+    "GATNet",
+    "GCNNet",
+    "GraphMLP",
     "HFCausalLM",
     "KDMobileNet",
     "LRASPPSegmenter",
+    "LateFusionNet",
     "LevelAdapters",
     "MAEDecoder",
     "MAEDecoderBlock",
     "MobileNetV2",
+    "ModalityNet",
+    "NB201Network",
     "ResNet",
     "ResNet8",
     "ResNet8x4",
@@ -94,9 +108,13 @@ __all__ = [
     "ResNet56",
     "ResNet110",
     "RetinaNetDetector",
+    "SAGENet",
     "ShuffleNetV1",
     "ShuffleNetV2",
+    "SiameseSparseEncoder",
+    "SignalNet",
     "SmallCNN",
+    "SpladeDocumentEncoder",
     "TimmModel",
     "TinyGPT",
     "TorchvisionModel",

@@ -55,12 +55,19 @@ _FIELD_MAP = {
 
 
 def reset_parameters(module: nn.Module, seed: int) -> None:
-    """Re-initialise every submodule that has ``reset_parameters``, deterministically."""
+    """Re-initialise every submodule that has ``reset_parameters``, deterministically.
+
+    A Hugging Face model inside (anything with a ``config`` and its own ``_init_weights``) is re-initialised by its
+    own rule (BERT's N(0, 0.02) embeddings, not ``nn.Embedding``'s N(0, 1)), after the generic resets.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for sub in module.modules():
             if sub is not module and hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
+        for sub in module.modules():
+            if hasattr(sub, "config") and callable(getattr(sub, "_init_weights", None)):
+                sub.apply(sub._init_weights)
 
 
 def _sha256(path: Path) -> str:

@@ -14,8 +14,11 @@ from kd_lightning.methods.tasks.detection import (
     DetectionSupervised,
     split_detection_batch,
 )
+from kd_lightning.methods.tasks.diffusion import DiffusionDistillation, DiffusionSupervised
 from kd_lightning.methods.tasks.language_model import LanguageModelDistillation, LMSupervised
 from kd_lightning.methods.tasks.masked_image import MaskedImageDistillation
+from kd_lightning.methods.tasks.node_classification import NodeClassificationDistillation, NodeSupervised
+from kd_lightning.methods.tasks.retrieval import RetrievalDistillation, RetrievalSupervised
 from kd_lightning.methods.tasks.segmentation import (
     SegmentationDistillation,
     SegmentationSupervised,
@@ -27,9 +30,15 @@ __all__ = [
     "DetectionContext",
     "DetectionDistillation",
     "DetectionSupervised",
+    "DiffusionDistillation",
+    "DiffusionSupervised",
     "LMSupervised",
     "LanguageModelDistillation",
     "MaskedImageDistillation",
+    "NodeClassificationDistillation",
+    "NodeSupervised",
+    "RetrievalDistillation",
+    "RetrievalSupervised",
     "SegmentationDistillation",
     "SegmentationSupervised",
     "Supervised",

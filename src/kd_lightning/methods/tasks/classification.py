@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.data.paired import TARGET_KEY
 from kd_lightning.data.semi_supervised import LABELED, UNLABELED
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import label_cross_entropy
 from kd_lightning.losses.divergences import forward_kl
-from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
+from kd_lightning.methods.core import DistillationModule, SingleNetwork, class_count, describe, first_tensor
+from kd_lightning.models.multimodal import MissingModalityError
 
 __all__ = ["ClassificationDistillation", "Supervised", "check_class_targets", "regime_parts"]
 
@@ -129,12 +131,15 @@ class ClassificationDistillation(DistillationModule):
     @staticmethod
     def unpack(batch: Any) -> tuple[Tensor, Tensor]:
         """Inputs and targets of a batch ``(x, y, *extras)`` or ``{"input": x, "target": y}``; of a data-regime
-        batch, its labeled part."""
+        batch, its labeled part; of a paired multimodal batch ``{modality: x, ..., "y": y}``, the dict of modalities
+        and ``y``."""
         if isinstance(batch, Mapping):
             if LABELED in batch or UNLABELED in batch:
                 if batch.get(LABELED) is None:
                     raise KDConfigError("data", "the training batches have no labeled part", "use labeled data")
                 return batch[LABELED][0], batch[LABELED][1]
+            if TARGET_KEY in batch:  # paired multimodal data (kd_lightning.data.paired)
+                return {k: v for k, v in batch.items() if k != TARGET_KEY}, batch[TARGET_KEY]
             return batch["input"], batch["target"]
         return batch[0], batch[1]
 
@@ -144,7 +149,8 @@ class ClassificationDistillation(DistillationModule):
 
     def batch_size_of(self, batch: Any) -> int:
         labeled, unlabeled = regime_parts(batch)
-        return sum(int(part[0].shape[0]) for part in (labeled, unlabeled) if part is not None)
+        sizes = [first_tensor(part[0]) for part in (labeled, unlabeled) if part is not None]
+        return sum(int(x.shape[0]) for x in sizes if x is not None and x.dim())
 
     def check_regime(self, datamodule: Any) -> None:
         """The data module's ``regime`` must be one of :attr:`data_regimes`.
@@ -185,47 +191,53 @@ class ClassificationDistillation(DistillationModule):
 
     def check_data(self, datamodule: Any) -> None:
         if datamodule is not None:
+            task = getattr(datamodule, "task", "classification")
+            if task != "classification":
+                raise KDConfigError(
+                    "data",
+                    f"{type(datamodule).__name__} serves a {task!r} task but {type(self).__name__} classifies",
+                    f"use a classification data module, or a method for the {task!r} task",
+                )
             self.check_regime(datamodule)
-        data_classes = getattr(datamodule, "num_classes", None)
         data_name = type(datamodule).__name__ if datamodule is not None else "the data"
-        if self.num_classes is None:
-            self.num_classes = data_classes
-        elif data_classes is not None and data_classes != self.num_classes:
-            raise KDConfigError(
-                "model.init_args.num_classes",
-                f"is {self.num_classes} but {data_name} has {data_classes} classes",
-                f"set num_classes to {data_classes} (or leave it empty to take the data's)",
-            )
-        if self.num_classes is None:
-            raise KDConfigError(
-                "model.init_args.num_classes",
-                f"{type(self).__name__} does not know the class count",
-                "pass num_classes or use a data module with a num_classes attribute",
-            )
+        self.num_classes = class_count(type(self).__name__, self.num_classes, datamodule)
         input_shape = getattr(datamodule, "input_shape", None)
-        if input_shape is not None:
-            self.check_networks(tuple(input_shape), data_name)
+        if input_shape is not None:  # {modality: shape} for paired multimodal data
+            shape = dict(input_shape) if isinstance(input_shape, Mapping) else tuple(input_shape)
+            self.check_networks(shape, data_name)
         if not self.metrics:
             self.build_metrics()
 
-    def check_networks(self, input_shape: tuple[int, ...], data_name: str = "the data") -> None:
-        """Run each network once on zeros of ``input_shape`` and check its class count.
+    def check_networks(
+        self, input_shape: tuple[int, ...] | Mapping[str, tuple[int, ...]], data_name: str = "the data"
+    ) -> None:
+        """Run each network once on zeros of ``input_shape`` (a dict of zeros for ``{modality: shape}``) and
+        check its class count.
 
         Raises:
-            KDConfigError: naming the config field, the network class and the fix.
+            KDConfigError: naming the config field, the network class and the fix (a modality the data does not
+                serve names the network's ``modalities``: ``model.init_args.student.init_args.modalities``).
         """
         for field, module in self.networks_to_check().items():
             param = next(iter(module.parameters()), None)  # the network's own device (setup runs before the move)
-            probe = torch.zeros(2, *input_shape, device=param.device if param is not None else self.device)
+            device = param.device if param is not None else self.device
+            if isinstance(input_shape, Mapping):
+                probe: Any = {name: torch.zeros(2, *shape, device=device) for name, shape in input_shape.items()}
+                shown = {name: tuple(x.shape) for name, x in probe.items()}
+            else:
+                probe = torch.zeros(2, *input_shape, device=device)
+                shown = tuple(probe.shape)
             was_training = module.training
             module.eval()
             try:
                 with torch.no_grad():
                     out = module(probe)
+            except MissingModalityError as err:  # a ModalityNet reads a modality the data does not serve
+                raise err.with_field("modalities", f"model.init_args.{field}.init_args.modalities") from None
             except Exception as err:
                 raise KDConfigError(
                     f"model.init_args.{field}",
-                    f"{describe(module)} fails on an input of shape {tuple(probe.shape)} from {data_name} "
+                    f"{describe(module)} fails on an input of shape {shown} from {data_name} "
                     f"({type(err).__name__}: {' '.join(str(err).split())[:200]})",
                     "does its input size/channels match the data?",
                 ) from None

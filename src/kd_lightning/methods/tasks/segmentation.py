@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
 from kd_lightning.losses.terms import weighted_terms
-from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
+from kd_lightning.methods.core import DistillationModule, SingleNetwork, class_count, describe
 from kd_lightning.metrics.segmentation import MeanIoU
 from kd_lightning.models.taps import FeatureTaps, UnknownModuleError
 
@@ -347,21 +347,7 @@ class SegmentationDistillation(DistillationModule):
         task = getattr(datamodule, "task", "segmentation")
         if task != "segmentation":
             raise KDConfigError("data", f"{data_name} serves a {task!r} task", "use a segmentation data module")
-        data_classes = getattr(datamodule, "num_classes", None)
-        if self.num_classes is None:
-            self.num_classes = data_classes
-        elif data_classes is not None and data_classes != self.num_classes:
-            raise KDConfigError(
-                "model.init_args.num_classes",
-                f"is {self.num_classes} but {data_name} has {data_classes} classes",
-                f"set num_classes to {data_classes} (or leave it empty to take the data's)",
-            )
-        if self.num_classes is None:
-            raise KDConfigError(
-                "model.init_args.num_classes",
-                f"{type(self).__name__} does not know the class count",
-                "pass num_classes or use a data module with a num_classes attribute",
-            )
+        self.num_classes = class_count(type(self).__name__, self.num_classes, datamodule)
         data_ignore = getattr(datamodule, "ignore_index", None)
         if data_ignore is not None and data_ignore != self.ignore_index:
             raise KDConfigError(
