@@ -238,3 +238,12 @@ def test_non_retrieval_data_is_refused() -> None:
     model = SparseEnsembleKD(student=_student(), teachers={"bm25": BM25Scorer()}, optimizer=torch.optim.AdamW)
     with pytest.raises(KDConfigError, match=r"^data: DigitsDataModule serves classification batches"):
         model.check_data(DigitsDataModule())
+
+
+def test_student_loads_a_local_checkpoint_folder_with_safetensors(tmp_path: Path) -> None:
+    trained = _student()
+    trained.backbone.save_pretrained(str(tmp_path / "mlm"))  # writes model.safetensors, read without unpickling
+    assert any((tmp_path / "mlm").glob("*.safetensors"))
+    loaded = _student(pretrained=str(tmp_path / "mlm"))
+    for (name, a), b in zip(trained.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -293,3 +293,16 @@ def test_unreadable_file_is_one_line(tmp_path: Path, content: str) -> None:
     assert not isinstance(info.value, UnsafeCheckpointError)
     assert "\n" not in message and message.startswith("model.init_args.teacher_ckpt: ")
     assert re.search(r"is not a (readable )?checkpoint", message) and str(path) in message
+
+
+def test_pretrained_folder_kwargs_prefer_safetensors_and_never_unpickle(tmp_path) -> None:
+    from kd_lightning.models.checkpoints import pretrained_folder_kwargs
+
+    assert pretrained_folder_kwargs(tmp_path) == {
+        "local_files_only": True,
+        "use_safetensors": False,
+        "weights_only": True,
+    }
+    assert "weights_only" not in pretrained_folder_kwargs(tmp_path, weights_only=False)  # diffusers' own safe default
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert pretrained_folder_kwargs(tmp_path) == {"local_files_only": True, "use_safetensors": True}

@@ -34,6 +34,7 @@ __all__ = [
     "check_checkpoint_exists",
     "load_weights",
     "match_state_dict",
+    "pretrained_folder_kwargs",
     "read_checkpoint",
     "state_dict_of",
     "trusted_checkpoints",
@@ -298,3 +299,15 @@ def load_weights(
             "the architecture's arguments the ones the checkpoint was trained with?"
         ) from None
     return module
+
+
+def pretrained_folder_kwargs(folder: str | Path, weights_only: bool = True) -> dict[str, Any]:
+    """``from_pretrained`` arguments that read a local Hugging Face (transformers/diffusers) folder safely.
+
+    safetensors weights when the folder has any; otherwise torch files with ``torch.load(weights_only=True)``
+    (``weights_only`` is a transformers argument: pass ``weights_only=False`` for diffusers, which reads torch files
+    with ``weights_only=True`` itself and does not take the argument). Never downloads (``local_files_only``).
+    """
+    if any(Path(folder).glob("*.safetensors")):
+        return {"local_files_only": True, "use_safetensors": True}
+    return {"local_files_only": True, "use_safetensors": False, **({"weights_only": True} if weights_only else {})}

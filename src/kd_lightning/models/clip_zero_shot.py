@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigFieldPrefix, KDConfigError
+from kd_lightning.models.checkpoints import pretrained_folder_kwargs
 
 __all__ = ["CLIPZeroShotClassifier"]
 
@@ -304,11 +305,7 @@ def _load_transformers(path: Path, need_processor: bool) -> tuple[nn.Module, Any
             f"{path.resolve()} holds a {getattr(config, 'model_type', '?')!r} model, not a CLIP model ('clip')",
             "give the folder of a CLIPModel, e.g. openai/clip-vit-base-patch32",
         )
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch.float32}
-    if any(path.glob("*.safetensors")):
-        kwargs["use_safetensors"] = True
-    else:  # only torch files: transformers reads them with torch.load(weights_only=True)
-        kwargs.update(use_safetensors=False, weights_only=True)
+    kwargs: dict[str, Any] = {"dtype": torch.float32, **pretrained_folder_kwargs(path)}
     try:
         model = transformers.CLIPModel.from_pretrained(str(path), **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)

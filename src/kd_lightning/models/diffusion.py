@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
+from kd_lightning.models.checkpoints import pretrained_folder_kwargs
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -296,7 +297,9 @@ def _load_pipeline(diffusers: Any, path: Path) -> tuple[nn.Module, dict[str, Any
             f"{unet_dir} has no config.json of a UNet2DModel",
             "save the pipeline with save_pretrained (unet/config.json + weights)",
         )
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir))
+    unet = diffusers.UNet2DModel.from_pretrained(
+        str(unet_dir), **pretrained_folder_kwargs(unet_dir, weights_only=False)
+    )
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     config: dict[str, Any] = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
     return unet, config

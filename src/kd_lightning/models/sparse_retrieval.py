@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
+from kd_lightning.models.checkpoints import pretrained_folder_kwargs
 
 __all__ = [
     "BM25Scorer",
@@ -117,7 +118,7 @@ def build_bert(
                 "pretrained", f"no checkpoint folder at {folder.resolve()}", "give a local folder or null"
             )
         auto = transformers.AutoModelForMaskedLM if masked_lm else transformers.AutoModel
-        return auto.from_pretrained(str(folder), local_files_only=True)
+        return auto.from_pretrained(str(folder), **pretrained_folder_kwargs(folder))
     for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
         if value < 1:
             raise KDConfigError(name, f"must be >= 1, got {value}")
