@@ -149,11 +149,14 @@ class KDCLI(LightningCLI):
                 )
             if ckpt_path:
                 self._resume_in_place(config, Path(ckpt_path))
-        if self.subcommand in ("validate", "test", "predict") and not ckpt_path:
+        model_args = (config.get("model") or {}).get("init_args") or {}
+        initialised = str(model_args.get("student_init") or "scratch") != "scratch"
+        if self.subcommand in ("validate", "test", "predict") and not ckpt_path and not initialised:
             raise KDConfigError(
                 "ckpt_path",
                 f"kd {self.subcommand} evaluates trained weights, and none were given",
-                "pass --ckpt_path runs/.../checkpoints/best-... .ckpt (kd fit prints it)",
+                "pass --ckpt_path runs/.../checkpoints/best-... .ckpt (kd fit prints it), or the start weights with "
+                "--model.init_args.student_init PATH",
             )
         if config.get("optimizer") or config.get("lr_scheduler"):
             raise KDConfigError(
@@ -452,9 +455,10 @@ def _has_split(datamodule: Any, stage: str) -> bool:
 
 
 def _primary_metric(results: dict[str, Any]) -> str:
-    """The metric the summary leads with: accuracy, box mAP, mIoU, nDCG@10 or FID when there is one, else perplexity,
+    """The metric the summary leads with: verifier pass@1, accuracy, box mAP, mIoU, nDCG@10 or FID when there is
+    one, else perplexity,
     else the loss."""
-    for name in ("acc", "map", "miou", "ndcg10", "fid", "ppl", "loss"):
+    for name in ("pass@1", "acc", "map", "miou", "ndcg10", "fid", "ppl", "loss"):
         if any(k.endswith("/" + name) for k in results):
             return name
     return "loss"
@@ -462,7 +466,7 @@ def _primary_metric(results: dict[str, Any]) -> str:
 
 def _metric_line(results: dict[str, Any], prefix: str, primary: str, label: str = "val") -> str:
     value = results.get(prefix + primary)
-    percent = primary in ("acc", "map", "miou", "ndcg10")
+    percent = primary in ("pass@1", "acc", "map", "miou", "ndcg10")
     text = f"{label} {primary} " + (_pct(value) if percent else ("n/a" if value is None else f"{value:.4f}"))
     agreement = results.get(prefix + "agreement")
     if agreement is not None and "teacher_" not in prefix:
@@ -680,6 +684,13 @@ def trainer_problem(err: BaseException) -> KDConfigError | None:
     if not named:
         return None
     fix = "use accelerator auto or cpu" if named[0] == "accelerator" else "see kd fit --help"
+    strategy = re.search(r"strategy `(\w+)` requires a GPU", message)
+    if strategy:
+        named[0] = "strategy"
+        fix = (
+            f"{strategy.group(1)} needs CUDA GPUs: use trainer.strategy ddp on CPU, or run on GPUs "
+            "(configs/fragments/fsdp.yaml for FSDP)"
+        )
     return KDConfigError(f"trainer.{named[0]}", message, fix)
 
 

@@ -36,11 +36,14 @@ from kd_lightning.methods import (
     KD3,
     LELP,
     LLKD,
+    OPSD,
     PLD,
     RKD,
     SKD,
+    SODA,
     TAID,
     TRG,
+    TSDKD,
     AdaKD,
     BiLD,
     ClassificationDistillation,
@@ -68,10 +71,13 @@ from kd_lightning.methods import (
     LogitStandardKD,
     MaskedImageDistillation,
     MixKD,
+    MixSD,
     MSTDistill,
     NodeClassificationDistillation,
     NodeSupervised,
     OnPolicyDistill,
+    ReasoningDistillation,
+    ReasoningSupervised,
     RetrievalDistillation,
     RetrievalSupervised,
     SegACAMKD,
@@ -290,12 +296,15 @@ REFUSED += [LMDistill, OnPolicyDistill, DecoupledKLDistill, EnsembleKD]
 REFUSED += [SemiSupervisedKD, DHO, LLKD, LELP, KD3, TalkingModels]
 #: Co-trains its teachers in stage 1 and distils from masked experts.
 REFUSED += [MSTDistill]
+#: Reasoning methods: responses sampled every step (OPSD, TSD-KD, MixSD) or a text-only teacher (SODA).
+REFUSED += [OPSD, TSDKD, SODA, MixSD]
 #: Supervised training of one network: no teacher to replace.
-NO_TEACHER = [Supervised, LMSupervised, DetectionSupervised, SegmentationSupervised]
+NO_TEACHER = [Supervised, LMSupervised, ReasoningSupervised, DetectionSupervised, SegmentationSupervised]
 #: Task siblings of the core: bases, not methods.
 BASES = [
     ClassificationDistillation,
     LanguageModelDistillation,
+    ReasoningDistillation,
     MaskedImageDistillation,
     DetectionDistillation,
     SegmentationDistillation,

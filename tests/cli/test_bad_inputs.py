@@ -150,6 +150,38 @@ DETR = ("fit", "--config", "{configs}/digitscenes_detr_clockdistill.yaml", "--da
 SEMI = ("fit", "--config", "{configs}/digits_semi_kd.yaml")
 
 
+def _reasoning_without_answers(path: Path) -> None:
+    path.write_text('{"prompt": "Reverse abc.", "solution": "c b a"}\n')
+
+
+def _hf_pair_config(tokenizer_b: dict[str, str | None]) -> Callable[[Path], None]:
+    """A config distilling between two tiny HF llamas whose tokenizers differ as ``tokenizer_b`` says."""
+
+    def write(path: Path) -> None:
+        from tests.helpers.tiny_hf import TINY_LLAMA, WORDS, make_tokenizer
+
+        root = path.parent
+        make_tokenizer(root / "tok_student")
+        make_tokenizer(
+            root / "tok_teacher", words=tokenizer_b.get("words") or WORDS, chat_template=tokenizer_b.get("chat")
+        )
+        (root / "text").mkdir(exist_ok=True)
+        for name in "abcd":
+            (root / "text" / f"{name}.txt").write_text(" ".join(WORDS * 20))
+        lm = "{{class_path: HFCausalLM, init_args: {{config: {config}, tokenizer: {tok}}}}}"
+        path.write_text(
+            "model:\n  class_path: LMDistill\n  init_args:\n"
+            f"    student: {lm.format(config=dict(TINY_LLAMA), tok=root / 'tok_student')}\n"
+            f"    teacher: {lm.format(config=dict(TINY_LLAMA), tok=root / 'tok_teacher')}\n"
+            "teacher_training: {enabled: false}\n"
+            "data:\n  class_path: TextDataModule\n"
+            f"  init_args: {{source: files, paths: [{root / 'text'}], tokenizer: {root / 'tok_student'}, "
+            "block_size: 16, batch_size: 2, num_workers: 0}\n"
+        )
+
+    return write
+
+
 def _beir_with_unknown_id(folder: Path) -> None:
     """A tiny BEIR folder whose dev qrels name a document the corpus lacks."""
     write_beir(folder, extra_dev_lines=["q24\td99\t1"])
@@ -879,6 +911,62 @@ CASES: list[Case] = [
         ),
         "model.init_args.teachers.diffusion.init_args.prediction_type:",
         ("epsilon", "v_prediction"),
+    ),
+    Case(
+        "reasoning-jsonl-no-answer",
+        "gave reasoning records (JSONL) without an answer field",
+        (
+            "fit",
+            "--config",
+            "{configs}/reasoning_student.yaml",
+            "--data.init_args.source=jsonl",
+            "--data.init_args.train_path={tmp}/train.jsonl",
+        ),
+        "data.init_args.answer_field:",
+        ("train.jsonl:1", "format: gsm8k"),
+        files={"train.jsonl": _reasoning_without_answers},
+    ),
+    Case(
+        "reasoning-verifier-raises",
+        "named a verifier that raises on the responses (json.loads takes one argument)",
+        ("fit", "--config", "{configs}/reasoning_student.yaml", "--data.init_args.verifier=json.loads"),
+        "data.init_args.verifier:",
+        ("TypeError", "return True or False"),
+    ),
+    Case(
+        "opsd-zero-new-tokens",
+        "asked OPSD for rollouts of 0 tokens",
+        ("fit", "--config", "{configs}/reasoning_opsd.yaml", "--model.init_args.max_new_tokens=0"),
+        "model.init_args.max_new_tokens:",
+        (">= 1",),
+    ),
+    Case(
+        "lora-unknown-target-modules",
+        "put LoRA adapters on modules the student does not have",
+        (
+            "fit",
+            "--config",
+            "{configs}/reasoning_opsd.yaml",
+            "--model.init_args.student.init_args.lora={r: 4, alpha: 8, target_modules: [query]}",
+        ),
+        "lora.target_modules:",
+        ("qkv", "proj"),
+    ),
+    Case(
+        "lm-tokenizers-differ",
+        "distilled between Hugging Face LMs with different tokenizers and no vocabulary mapping",
+        ("fit", "--config", "{tmp}/hf_pair.yaml"),
+        "model.init_args.student/teacher:",
+        ("tokenizers differ", "vocab_mapping: exact_tokens"),
+        files={"hf_pair.yaml": _hf_pair_config({"words": ["the", "cat", "woke"]})},
+    ),
+    Case(
+        "lm-chat-template-one-side",
+        "distilled between Hugging Face LMs whose tokenizers differ only by a chat template",
+        ("fit", "--config", "{tmp}/hf_pair.yaml"),
+        "model.init_args.student/teacher:",
+        ("chat template missing on one side", "check_chat_template"),
+        files={"hf_pair.yaml": _hf_pair_config({"chat": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})},
     ),
     Case(
         "search-no-candidate-under-budget",

@@ -44,3 +44,14 @@ def fit_config(name: str, *extra: str) -> KDCLI:
     return fit(
         ["--config", str(CONFIGS_DIR / name), *TINY_DIGITS, f"--teacher_training.cache_dir={SHARED_TEACHERS}", *extra]
     )
+
+
+#: Shrinks a reasoning config (configs/reasoning_*.yaml) to seconds: few problems, short generations.
+TINY_REASONING = [
+    "--data.init_args.num_train=48",
+    "--data.init_args.num_val=8",
+    "--data.init_args.num_test=8",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.eval_batch_size=8",
+    "--model.init_args.eval_max_new_tokens=6",
+]

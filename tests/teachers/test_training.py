@@ -235,3 +235,21 @@ def test_gradient_clipping_reaches_the_teachers_trainer(in_tmp: Path, monkeypatc
     assert seen == [0.1]
     with pytest.raises(KDConfigError, match=r"^teacher_training.gradient_clip_val: must be > 0 or null, got 0"):
         TeacherTraining(gradient_clip_val=0.0)
+
+
+def test_reset_parameters_uses_the_networks_own_initialisation() -> None:
+    """A TinyGPT teacher restarts from GPT-2's N(0, 0.02), not nn.Embedding's N(0, 1) (it then never learnt
+    the reasoning demo)."""
+    from kd_lightning.models.lm import TinyGPT
+    from kd_lightning.teachers.training import reset_parameters
+
+    net = TinyGPT(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1.0)
+    reset_parameters(net, seed=3)
+    assert 0.015 < float(net.token_embedding.weight.std()) < 0.025
+    assert 0.015 < float(net.position_embedding.weight.std()) < 0.025
+    scaled = net.blocks[0].attn.proj.weight.std()
+    assert 0.006 < float(scaled) < 0.012  # 0.02 / sqrt(2 * 2 layers) = 0.01
+    assert float(net.blocks[0].ln1.weight.min()) == 1.0 and float(net.blocks[0].mlp[0].bias.abs().max()) == 0.0

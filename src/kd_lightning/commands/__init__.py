@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lm-teacher-logits": ("kd_lightning.commands.lm_teacher_logits", "Store an LM teacher's top-k log-probabilities"),
     "bench": ("kd_lightning.commands.bench", "Grids of methods x seeds x data through kd fit: tables and plots"),
     "search-student": ("kd_lightning.commands.search_student", "DisWOT: training-free student architecture search"),
+    "diagnose-opd": ("kd_lightning.commands.diagnose_opd", "On-policy-distillation gradient-alignment diagnostic"),
 }
 
 

@@ -8,11 +8,13 @@ from kd_lightning.data.digit_scenes import make_scenes
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.digits_variants import DigitsVariantsDataModule
 from kd_lightning.data.digits_web import DigitsWebDataModule
+from kd_lightning.data.facts import FactInjectionDataModule
 from kd_lightning.data.graph import CoauthorAmazonDataModule, DigitsGraphDataModule, PlanetoidDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
 from kd_lightning.data.noise import NoiseDataModule
 from kd_lightning.data.paired import AVDigitsDataModule, AVMNISTDataModule, PairedDataModule
 from kd_lightning.data.radioml import RadioMLDataModule
+from kd_lightning.data.reasoning import ReasoningDataModule
 from kd_lightning.data.retrieval import RetrievalDataModule
 from kd_lightning.data.semi_supervised import LABELED, UNLABELED, SemiSupervisedDataModule
 from kd_lightning.data.teacher_logits import TeacherLogitStore, write_teacher_logits
@@ -36,6 +38,7 @@ __all__ = [
     "DigitsGraphDataModule",
     "DigitsVariantsDataModule",
     "DigitsWebDataModule",
+    "FactInjectionDataModule",
     "HFTokenizer",
     "ImageNetDataModule",
     "KDDataModule",
@@ -43,6 +46,7 @@ __all__ = [
     "PairedDataModule",
     "PlanetoidDataModule",
     "RadioMLDataModule",
+    "ReasoningDataModule",
     "RetrievalDataModule",
     "SemiSupervisedDataModule",
     "TeacherLogitStore",

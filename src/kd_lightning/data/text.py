@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.base import KDDataModule
 from kd_lightning.errors import DatasetNotFoundError, KDConfigError
+from kd_lightning.models.lm import TokenizerIdentity, tokenizer_identity
 
 __all__ = [
     "STDLIB_EXCLUDE",
@@ -185,6 +186,7 @@ class HFTokenizer:
         self.eos_token_id = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_id or 0))
+        self._identity: TokenizerIdentity | None = None
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -202,6 +204,19 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
         values = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         return self.tokenizer.decode(values, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def identity(self) -> TokenizerIdentity:
+        """Fingerprint, size and chat template of the tokenizer (:func:`~kd_lightning.models.lm.tokenizer_identity`):
+        compared with the models' tokenizers at setup."""
+        if self._identity is None:
+            self._identity = tokenizer_identity(self.tokenizer, name=self.name)
+        return self._identity
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template (``None`` when it has none)."""
+        return getattr(self.tokenizer, "chat_template", None)
 
 
 def load_tokenizer(name: str = "byte", local_files_only: bool = False) -> ByteTokenizer | HFTokenizer:

@@ -58,6 +58,7 @@ from kd_lightning.losses.divergences import (
     reduce_items,
     reverse_kl,
 )
+from kd_lightning.losses.dpo import dpo_loss, response_token_logps
 from kd_lightning.losses.ensemble import EnsembleKDLoss, ensemble_log_probs
 from kd_lightning.losses.feature import (
     AttentionTransferLoss,
@@ -153,6 +154,14 @@ from kd_lightning.losses.mix_kd import (
     soft_cross_entropy,
     std_scale,
 )
+from kd_lightning.losses.mixsd import (
+    MixedTargets,
+    build_mixed_targets,
+    expert_naive_kl,
+    mixed_target_nll,
+    mixture_soft_kl,
+    select_mixed_tokens,
+)
 from kd_lightning.losses.mst import (
     co_training_loss,
     decayed_weight,
@@ -163,6 +172,7 @@ from kd_lightning.losses.mst import (
     soft_expert_kd,
     topk_expert_kd,
 )
+from kd_lightning.losses.opsd import OPSDLoss, opsd_jsd, opsd_sampled_token, restrict_to_teacher_top_k
 from kd_lightning.losses.relation import (
     RKDLoss,
     pairwise_distances,
@@ -249,6 +259,7 @@ from kd_lightning.losses.transport import (
     sinkhorn_distance,
     sinkhorn_plan,
 )
+from kd_lightning.losses.tsd_kd import TSDKDLoss, plackett_luce_nll, tsd_kd_terms
 
 __all__ = [
     "CHUNK_OBJECTIVES",
@@ -286,7 +297,9 @@ __all__ = [
     "MixDistribution",
     "MixKDLoss",
     "MixedKLLoss",
+    "MixedTargets",
     "MixupPlan",
+    "OPSDLoss",
     "PLDLoss",
     "PoolUsage",
     "PrivacyScores",
@@ -301,6 +314,7 @@ __all__ = [
     "TAIDLoss",
     "TGeoKDLoss",
     "TRGLoss",
+    "TSDKDLoss",
     "TokenDivergence",
     "TopKTargets",
     "adakd_difficulty",
@@ -317,6 +331,7 @@ __all__ = [
     "boot_grid",
     "boot_loss",
     "bootstrap_target",
+    "build_mixed_targets",
     "build_token_objective",
     "check_vocab_sizes",
     "check_weights",
@@ -331,12 +346,14 @@ __all__ = [
     "dho_loss",
     "dkd_terms",
     "document_frequency",
+    "dpo_loss",
     "dynamic_k",
     "dynamic_logit_difference_kl",
     "edge_loss",
     "ensemble_log_probs",
     "ensemble_targets",
     "entropy",
+    "expert_naive_kl",
     "ff_g2m_terms",
     "flops_lambda",
     "flops_loss",
@@ -378,7 +395,9 @@ __all__ = [
     "mix_targets",
     "mixed_kl",
     "mixed_log_probs",
+    "mixed_target_nll",
     "mixstd_loss",
+    "mixture_soft_kl",
     "mixup_kd_loss",
     "mst_kd",
     "mst_student_loss",
@@ -390,6 +409,8 @@ __all__ = [
     "normalized_entropy",
     "normalized_l1_loss",
     "null_space_projector",
+    "opsd_jsd",
+    "opsd_sampled_token",
     "optimal_alpha",
     "pair_differences",
     "pairwise_distances",
@@ -397,11 +418,14 @@ __all__ = [
     "partial_mixup",
     "patchify",
     "pending_over_ranks",
+    "plackett_luce_nll",
     "pld_loss",
     "random_masking",
     "ranking_kl",
     "rbf_kernel",
     "reduce_items",
+    "response_token_logps",
+    "restrict_to_teacher_top_k",
     "reverse_kl",
     "rkd_angle_loss",
     "rkd_angles",
@@ -412,6 +436,7 @@ __all__ = [
     "search_mixing",
     "select_hardest",
     "select_instances",
+    "select_mixed_tokens",
     "select_samples",
     "shift_for_next_token",
     "sinkhorn_distance",
@@ -440,6 +465,7 @@ __all__ = [
     "topk_targets",
     "total_variation",
     "translation_loss",
+    "tsd_kd_terms",
     "unpatchify",
     "weight_alignment",
     "weighted_feature_alignment",

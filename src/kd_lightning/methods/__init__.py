@@ -36,8 +36,10 @@ from kd_lightning.methods.llkd import LLKD
 from kd_lightning.methods.lm_distill import LMDistill
 from kd_lightning.methods.logit_standard_kd import LogitStandardKD
 from kd_lightning.methods.mix_kd import MixKD
+from kd_lightning.methods.mixsd import MixSD
 from kd_lightning.methods.mst_distill import MSTDistill
 from kd_lightning.methods.on_policy import OnPolicyDistill
+from kd_lightning.methods.opsd import OPSD
 from kd_lightning.methods.pld import PLD
 from kd_lightning.methods.rkd import RKD
 from kd_lightning.methods.seg_acam_kd import SegACAMKD
@@ -48,6 +50,7 @@ from kd_lightning.methods.self_distill import GTSelfDistill
 from kd_lightning.methods.semi_supervised_kd import SemiSupervisedKD
 from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.methods.skd import SKD
+from kd_lightning.methods.soda import SODA
 from kd_lightning.methods.sparse_ensemble_kd import SparseEnsembleKD
 from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.taid import TAID
@@ -63,6 +66,8 @@ from kd_lightning.methods.tasks import (
     MaskedImageDistillation,
     NodeClassificationDistillation,
     NodeSupervised,
+    ReasoningDistillation,
+    ReasoningSupervised,
     RetrievalDistillation,
     RetrievalSupervised,
     SegmentationDistillation,
@@ -71,6 +76,7 @@ from kd_lightning.methods.tasks import (
 )
 from kd_lightning.methods.tgeo_kd import TGeoKD
 from kd_lightning.methods.trg import TRG
+from kd_lightning.methods.tsd_kd import TSDKD
 from kd_lightning.methods.vanilla_kd import VanillaKD
 
 __all__ = [
@@ -85,11 +91,14 @@ __all__ = [
     "KD3",
     "LELP",
     "LLKD",
+    "OPSD",
     "PLD",
     "RKD",
     "SKD",
+    "SODA",
     "TAID",
     "TRG",
+    "TSDKD",
     "AdaKD",
     "BiLD",
     "CLoCKDistill",
@@ -119,9 +128,12 @@ __all__ = [
     "MSTDistill",
     "MaskedImageDistillation",
     "MixKD",
+    "MixSD",
     "NodeClassificationDistillation",
     "NodeSupervised",
     "OnPolicyDistill",
+    "ReasoningDistillation",
+    "ReasoningSupervised",
     "RetrievalDistillation",
     "RetrievalSupervised",
     "SegACAMKD",

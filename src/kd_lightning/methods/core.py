@@ -41,7 +41,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from kd_lightning.errors import ConfigFieldPrefix, KDConfigError, TrainingDivergedError
+from kd_lightning.errors import ConfigFieldPrefix, KDConfigError, TeacherCheckpointError, TrainingDivergedError
 from kd_lightning.losses.schedule import Progress, ScheduledLoss
 from kd_lightning.models.checkpoints import CheckpointKey, check_checkpoint_exists, load_weights
 from kd_lightning.utils.trainable import freeze
@@ -262,6 +262,13 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
         channels_last: channels-last memory format for the networks and their 4-D inputs.
         check_finite_every: check every n-th training loss for NaN/inf and stop with the step, the term and
             the batch (one host sync per check; ``0`` disables the check).
+        student_init: where the student's weights start: ``"scratch"`` (as constructed), ``"teacher"`` (a copy
+            of the single teacher's weights, loaded or trained by ``kd fit``, at setup: the
+            self-distillation methods keep the frozen initial policy in the teacher slot; the architectures must
+            match), ``"teacher:<name>"`` (a copy of the named teacher: e.g. a fine-tuned base model kept beside
+            the real teacher, which ``kd fit`` trains and caches like any teacher), or a checkpoint path (any
+            layout ``teacher_ckpt`` accepts, read with ``weights_only=True``). Resuming from a checkpoint restores
+            the trained student on top of it.
 
     Only the student and the method's own trainable parts are optimised. A method that trains its teacher
     sets ``trains_teacher = True``; a task's supervised module sets ``requires_teacher = takes_teacher = False``.
@@ -304,6 +311,7 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
         teacher_precision: Literal["bf16", "fp16"] | None = None,
         channels_last: bool = False,
         check_finite_every: int = 1,
+        student_init: str = "scratch",
     ) -> None:
         super().__init__()
         self._save_config()
@@ -336,6 +344,22 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
         self.teacher_precision = teacher_precision
         self.channels_last = channels_last
         self.check_finite_every = check_finite_every
+        if student_init == "teacher" and len(self.teachers) != 1:
+            raise KDConfigError(
+                "student_init",
+                f"'teacher' copies the single teacher's weights, but there are {len(self.teachers)} teachers",
+                "name one with 'teacher:<name>', or give a checkpoint path",
+            )
+        if student_init.startswith("teacher:") and student_init.partition(":")[2] not in self.teachers:
+            raise KDConfigError(
+                "student_init",
+                f"names the teacher {student_init.partition(':')[2]!r}, which is not one of {sorted(self.teachers)}",
+                "use 'teacher:<name>' with a name under model.init_args.teachers",
+            )
+        if student_init not in ("scratch", "teacher") and not student_init.startswith("teacher:"):
+            check_checkpoint_exists(student_init, "model.init_args.student_init")
+        self.student_init = student_init
+        self._student_initialised = False
         self._channels_last_hooks: list[Any] = []
         self._total_steps: float | None = None
         self._epoch_started = 0.0
@@ -431,7 +455,7 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
         self.load_teacher(path, name)
         paths = self._checkpoints(self.teacher_ckpt) if self.teacher_ckpt is not None else {}
         paths[name] = str(path)
-        self.teacher_ckpt = paths[name] if list(paths) == [DEFAULT_TEACHER] else paths
+        self.teacher_ckpt = paths[name] if list(self.teachers) == [DEFAULT_TEACHER] else paths
         self.hparams["teacher_ckpt"] = self.teacher_ckpt
 
     def train(self, mode: bool = True) -> DistillationModule:
@@ -485,9 +509,47 @@ class DistillationModule(L.LightningModule, metaclass=ConfigFieldPrefix):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        # Once per module (a later test of it keeps the trained student), at any stage (`kd test` without a
+        # checkpoint evaluates the initial student).
+        if not getattr(self, "_student_initialised", False):
+            self.initialise_student()
+            self._student_initialised = True
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.check_data(datamodule)  # on the plain (uncompiled) networks
         self.apply_speed_switches()
+
+    def initialise_student(self) -> None:
+        """Apply ``student_init`` (at the module's first ``setup``, before Lightning restores a resumed run's or
+        ``ckpt_path``'s weights, which then win; later stages of the same module, e.g. the test after a fit, keep
+        the trained student)."""
+        field = "model.init_args.student_init"
+        if self.student_init == "scratch":
+            return
+        if self.student_init != "teacher" and not self.student_init.startswith("teacher:"):
+            try:  # a one-network checkpoint as it is; from a distillation checkpoint, its student
+                load_weights(self.student, self.student_init, field=field, key="auto")
+            except TeacherCheckpointError as err:
+                if "both a student" not in str(err):
+                    raise
+                load_weights(self.student, self.student_init, field=field, key="student")
+            return
+        name = self.student_init.partition(":")[2]
+        source = (self.teachers[name] if name else self.teacher).state_dict()
+        # A LoRA student (peft) holds the base weights under ``.base_layer`` and adds ``lora_*`` adapters, which
+        # keep their initialisation (B = 0: the adapted student starts as the teacher).
+        renamed = {k.replace(".base_layer", ""): k for k in self.student.state_dict() if "lora_" not in k}
+        target = {k: self.student.state_dict()[v] for k, v in renamed.items()}
+        mismatch = sorted(
+            set(source) ^ set(target) | {k for k in source.keys() & target.keys() if source[k].shape != target[k].shape}
+        )
+        if mismatch:
+            raise KDConfigError(
+                field,
+                f"'teacher' needs the student to have the teacher's architecture, but {len(mismatch)} weights differ "
+                f"(first: {mismatch[0]})",
+                "build the student like the teacher, or give a student checkpoint path",
+            )
+        self.student.load_state_dict({renamed[k]: v for k, v in source.items()}, strict=False)
 
     def apply_speed_switches(self) -> None:
         """Channels-last and ``torch.compile`` (in place), once."""

@@ -66,7 +66,7 @@ class LMDistill(LanguageModelDistillation):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module,
+        teacher: nn.Module | None = None,
         objective: str = "forward_kl",
         objective_args: dict[str, Any] | None = None,
         temperature: float = 1.0,

@@ -69,7 +69,7 @@ class OnPolicyDistill(LanguageModelDistillation):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module,
+        teacher: nn.Module | None = None,
         on_policy_fraction: float = 0.5,
         mixing: Literal["rows", "batch"] = "rows",
         estimator: Literal["full", "sampled_token"] = "full",

@@ -16,16 +16,33 @@ prompts for :meth:`generate` may be left-padded (positions count real tokens onl
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.errors import KDConfigError
+from kd_lightning.errors import ConfigFieldPrefix, KDConfigError
 
-__all__ = ["HFCausalLM", "TinyGPT", "completion_mask", "sample_next_token"]
+__all__ = [
+    "HFCausalLM",
+    "TinyGPT",
+    "TokenizerIdentity",
+    "completion_mask",
+    "load_hf_tokenizer",
+    "sample_next_token",
+    "tokenizer_identity",
+    "tokenizer_vocabulary",
+]
 
 
 def sample_next_token(
@@ -70,6 +87,71 @@ def _as_bool_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | 
             f"{tuple(attention_mask.shape)}."
         )
     return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+class _LoRAMixin:
+    """LoRA helpers shared by :class:`TinyGPT` and :class:`HFCausalLM` (see :mod:`kd_lightning.models.lora`)."""
+
+    _adapter_names: list[str]
+
+    def _init_lora(self, lora: dict[str, Any] | None, adapters_only_checkpoint: bool, target: nn.Module) -> None:
+        self._adapter_names = []
+        self.adapters_only_checkpoint = adapters_only_checkpoint
+        if lora is None:
+            if adapters_only_checkpoint:
+                raise KDConfigError("adapters_only_checkpoint", "is true but the model has no lora", "set lora: {...}")
+            return
+        from kd_lightning.models.lora import add_lora
+
+        names = add_lora(target, lora, "lora")
+        from kd_lightning.models.lora import has_lora
+
+        if has_lora(self.lm_head):  # type: ignore[attr-defined]
+            raise KDConfigError(
+                "lora.target_modules",
+                "targets the LM head, which the chunked loss and the vocabulary checks read as a plain Linear",
+                "adapt the attention/MLP projections instead",
+            )
+        prefix = next(n for n, m in self.named_modules() if m is target)  # type: ignore[attr-defined]
+        self._adapter_names = [f"{prefix}.{n}" if prefix else n for n in names]
+        if adapters_only_checkpoint:
+            from kd_lightning.models.lora import adapters_only_state_dict
+
+            adapters_only_state_dict(self, self._adapter_names)  # type: ignore[arg-type]
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether the model was built with LoRA adapters."""
+        return bool(self._adapter_names)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names (``named_parameters``) of the adapter weights: the only trainable ones."""
+        return list(self._adapter_names)
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[Any]:
+        """Inside the block the model computes its base model (adapters off): e.g. OPSD's fixed teacher ``p_0``."""
+        from kd_lightning.models.lora import adapters_disabled
+
+        with adapters_disabled(self):  # type: ignore[arg-type]
+            yield self
+
+    def save_adapters(self, folder: str | Path) -> Path:
+        """Write peft's adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        from kd_lightning.models.lora import save_adapters
+
+        return save_adapters(self._lora_target(), folder, getattr(self, "path_or_name", None))
+
+    def load_adapters(self, folder: str | Path) -> None:
+        """Load adapter weights written by :meth:`save_adapters` (or peft's ``save_pretrained``)."""
+        from kd_lightning.models.lora import load_adapters
+
+        load_adapters(self._lora_target(), folder)
+
+    def _lora_target(self) -> nn.Module:
+        return self  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------ TinyGPT
@@ -123,7 +205,7 @@ class _Block(nn.Module):
         return x + self.mlp(self.ln2(x)), cache
 
 
-class TinyGPT(nn.Module):
+class TinyGPT(_LoRAMixin, nn.Module, metaclass=ConfigFieldPrefix):
     """A small GPT-2-style decoder in plain torch (pre-norm blocks, learned positions, SDPA attention).
 
     For offline use, tests and the CPU demo. The default ``vocab_size`` (264) is the byte-level
@@ -139,6 +221,10 @@ class TinyGPT(nn.Module):
         dropout: dropout on embeddings, attention weights, and residual branches.
         tie_embeddings: the LM head shares the token embedding's weight (GPT-2).
         mlp_ratio: MLP width as a multiple of ``d_model``.
+        lora: LoRA adapters through peft (:func:`~kd_lightning.models.lora.add_lora`), e.g. ``{"r": 8, "alpha": 16,
+            "target_modules": ["qkv", "proj"]}``; only the adapters are then trainable.
+        adapters_only_checkpoint: ``state_dict()`` holds only the adapter weights (loading restores them onto
+            the current base weights).
 
     Initialisation follows GPT-2: normal(0, 0.02), residual projections scaled by ``1/√(2·n_layers)``.
 
@@ -158,6 +244,8 @@ class TinyGPT(nn.Module):
         dropout: float = 0.0,
         tie_embeddings: bool = True,
         mlp_ratio: int = 4,
+        lora: dict[str, Any] | None = None,
+        adapters_only_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers)):
@@ -181,10 +269,20 @@ class TinyGPT(nn.Module):
         self.tie_embeddings = tie_embeddings
         if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
-        self.apply(self._init_weights)
+        self.init_weights()
+        self._init_lora(lora, adapters_only_checkpoint, self)
+
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, residual projections scaled by
+        1/√(2·n_layers). Also what ``kd fit`` re-initialises a cached teacher with. LoRA adapters are left alone."""
+        for name, module in self.named_modules():
+            if "lora_" not in name:
+                self._init_weights(module)
         for name, param in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+            if name.endswith(
+                ("attn.proj.weight", "attn.proj.base_layer.weight", "mlp.2.weight", "mlp.2.base_layer.weight")
+            ):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * len(self.blocks)))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -310,7 +408,7 @@ class TinyGPT(nn.Module):
         return sequences
 
 
-# -------------------------------------------------------------------------------------------- HFCausalLM
+# -------------------------------------------------------------------------------------------- tokenizers
 def _import_transformers() -> Any:
     try:
         import transformers
@@ -322,16 +420,113 @@ def _import_transformers() -> Any:
     return transformers
 
 
+def load_hf_tokenizer(
+    name_or_path: str, field: str = "tokenizer", local_files_only: bool = True, trust_remote_code: bool = False
+) -> Any:
+    """A Hugging Face tokenizer from a local folder (or, with ``local_files_only=False``, a hub name)."""
+    local = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if (local_files_only or looks_local) and not local.is_dir():
+        raise KDConfigError(
+            field,
+            f"no tokenizer folder at {local.resolve()}",
+            "give the folder that holds tokenizer.json / tokenizer_config.json (e.g. the model's checkpoint folder)",
+        )
+    transformers = _import_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            str(local) if local.is_dir() else name_or_path,
+            local_files_only=local_files_only,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        detail = " ".join(str(err).split())[:160]
+        raise KDConfigError(field, f"cannot load tokenizer {name_or_path!r} ({type(err).__name__}: {detail})") from None
+
+
+def _space_scheme(tokenizer: Any) -> str:
+    """How the tokenizer writes spaces/bytes in its token strings: ``byte_level``, ``metaspace`` or ``plain``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        try:
+            spec = json.loads(backend.to_str())
+        except Exception:  # pragma: no cover - exotic backends
+            spec = {}
+        text = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer")])
+        if '"ByteLevel"' in text:
+            return "byte_level"
+        if '"Metaspace"' in text or '"\\u2581"' in text or '"▁"' in text:
+            return "metaspace"
+        return "plain"
+    vocab = tokenizer.get_vocab()
+    return "metaspace" if any(t.startswith("▁") for t in list(vocab)[:5000]) else "plain"
+
+
+_ROLES = ("bos", "eos", "pad", "unk")
+
+
+def tokenizer_vocabulary(tokenizer: Any) -> dict[str, Any]:
+    """What vocabulary mapping needs from a Hugging Face tokenizer: ``{"vocab": {token: id}, "scheme": ...,
+    "special": {token: id}, "roles": {"bos"|"eos"|"pad"|"unk": id or None}, "size": len(tokenizer)}``."""
+    vocab = dict(tokenizer.get_vocab())
+    special = {t: vocab[t] for t in getattr(tokenizer, "all_special_tokens", []) if t in vocab}
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special.update({str(tok): int(i) for i, tok in added.items() if getattr(tok, "special", False)})
+    roles = {role: getattr(tokenizer, f"{role}_token_id", None) for role in _ROLES}
+    scheme = _space_scheme(tokenizer)
+    return {"vocab": vocab, "scheme": scheme, "special": special, "roles": roles, "size": len(tokenizer)}
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What identifies a tokenizer for distillation: ``fingerprint`` (16 hex digits of the SHA-256 of the sorted
+    ``(token, id)`` vocabulary plus the special tokens and their roles: equal fingerprints = the same ids for the
+    same strings), ``size``, whether it has a chat template (and the template's own fingerprint), and ``name``.
+    Merge rules and normalisers are not part of the fingerprint."""
+
+    name: str
+    fingerprint: str
+    size: int
+    has_chat_template: bool
+    chat_template_fingerprint: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.size} tokens, fingerprint {self.fingerprint})"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def tokenizer_identity(tokenizer: Any, name: str | None = None) -> TokenizerIdentity:
+    """The :class:`TokenizerIdentity` of a Hugging Face tokenizer."""
+    info = tokenizer_vocabulary(tokenizer)
+    payload = {
+        "vocab": sorted(info["vocab"].items(), key=lambda kv: (kv[1], kv[0])),
+        "special": sorted(info["special"].items(), key=lambda kv: (kv[1], kv[0])),
+        "roles": info["roles"],
+    }
+    template = getattr(tokenizer, "chat_template", None)
+    return TokenizerIdentity(
+        name=name or str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        fingerprint=_digest(payload),
+        size=int(info["size"]),
+        has_chat_template=bool(template),
+        chat_template_fingerprint=_digest(template) if template else None,
+    )
+
+
+# -------------------------------------------------------------------------------------------- HFCausalLM
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(_LoRAMixin, nn.Module, metaclass=ConfigFieldPrefix):
     """A Hugging Face causal LM (``AutoModelForCausalLM``) behind the kd-lightning LM interface.
 
     Give exactly one of ``path_or_name`` (a local checkpoint folder, or a hub name — downloaded by
     transformers unless ``local_files_only``) and ``config`` (a dict with ``model_type`` and the
     architecture's fields: a randomly initialised model, nothing downloaded). Needs the ``transformers``
-    extra.
+    extra (LoRA: the ``llm`` extra).
 
     Args:
         path_or_name: checkpoint folder or hub name for ``from_pretrained``.
@@ -343,6 +538,20 @@ class HFCausalLM(nn.Module):
         trust_remote_code: passed to transformers (custom architectures).
         attn_implementation: e.g. ``"sdpa"`` or ``"eager"``; ``None`` lets transformers choose.
         gradient_checkpointing: enable transformers' activation checkpointing.
+        tokenizer: the model's tokenizer (a local folder, often ``path_or_name`` itself), recorded on the model
+            (:attr:`tokenizer`, :attr:`tokenizer_identity`) so that the LM methods can compare the teacher's and
+            the student's tokenizers and chat templates at setup.
+        lora: LoRA adapters through peft (:func:`~kd_lightning.models.lora.add_lora`), e.g. ``{"r": 8,
+            "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}``: only the adapters are
+            trainable; :meth:`adapters_disabled` runs the base model; :meth:`save_adapters` writes peft's folder.
+        adapters_only_checkpoint: ``state_dict()`` (what Lightning checkpoints hold) has only the adapter weights;
+            loading such a state dict (strict too) restores them onto the base weights this model was built with
+            (so build the base from a checkpoint folder, or the same seed and config).
+
+    **Padding.** With an ``attention_mask`` the position ids are ``cumsum(mask) − 1`` (clamped at 0) whenever
+    the architecture's forward takes ``position_ids``: a left-padded row gives the logits of the unpadded row on
+    its real tokens (architectures that count positions from the first column, such as GPT-2, otherwise
+    do not).
 
     ``hidden_states`` runs the base model (``model.base_model``, final norm included) without the LM head;
     architectures that post-process logits (soft-capping, logit scales) do not satisfy
@@ -358,6 +567,9 @@ class HFCausalLM(nn.Module):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        tokenizer: str | None = None,
+        lora: dict[str, Any] | None = None,
+        adapters_only_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if (path_or_name is None) == (config is None):
@@ -391,6 +603,31 @@ class HFCausalLM(nn.Module):
                 f"HFCausalLM: {type(self.model).__name__}'s output embedding is {type(head).__name__}, not nn.Linear."
             )
         self.path_or_name = path_or_name
+        self.tokenizer_path = tokenizer
+        self.tokenizer: Any = None
+        self._tokenizer_identity: TokenizerIdentity | None = None
+        if tokenizer is not None:
+            self.tokenizer = load_hf_tokenizer(tokenizer, "tokenizer", local_files_only=local_files_only)
+            self._tokenizer_identity = tokenizer_identity(self.tokenizer, name=tokenizer)
+            if len(self.tokenizer) > self.vocab_size:
+                raise KDConfigError(
+                    "tokenizer",
+                    f"{tokenizer} has {len(self.tokenizer)} tokens but the model predicts {self.vocab_size}",
+                    "give the model's own tokenizer",
+                )
+        self._takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+        self._base_takes_position_ids = "position_ids" in inspect.signature(self.model.base_model.forward).parameters
+        if adapters_only_checkpoint and config is not None and lora is not None:
+            warnings.warn(
+                "HFCausalLM(adapters_only_checkpoint=True) with a config-built (randomly initialised) base: "
+                "checkpoints restore only the adapters, so the base weights must come back from the same seed or "
+                "student_init.",
+                stacklevel=2,
+            )
+        self._init_lora(lora, adapters_only_checkpoint, self.model)
+
+    def _lora_target(self) -> nn.Module:
+        return self.model
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -407,15 +644,30 @@ class HFCausalLM(nn.Module):
         """The transformers config."""
         return self.model.config
 
+    @property
+    def tokenizer_identity(self) -> TokenizerIdentity | None:
+        """The recorded tokenizer's :class:`TokenizerIdentity` (``None`` without ``tokenizer``)."""
+        return self._tokenizer_identity
+
+    @staticmethod
+    def _inputs(attention_mask: Tensor | None, with_positions: bool) -> dict[str, Tensor]:
+        if attention_mask is None:
+            return {}
+        mask = attention_mask.long()
+        inputs = {"attention_mask": mask}
+        if with_positions:
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+        return inputs
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Next-token logits ``[B, T, V]``."""
-        mask = None if attention_mask is None else attention_mask.long()
-        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        """Next-token logits ``[B, T, V]`` (position ids counted over real tokens: see the class docstring)."""
+        inputs = self._inputs(attention_mask, self._takes_position_ids)
+        return self.model(input_ids=input_ids, use_cache=False, **inputs).logits
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states ``[B, T, H]`` of the base model (no LM head, no logits computed)."""
-        mask = None if attention_mask is None else attention_mask.long()
-        return self.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        inputs = self._inputs(attention_mask, self._base_takes_position_ids)
+        return self.model.base_model(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
 
     @torch.no_grad()
     def generate(

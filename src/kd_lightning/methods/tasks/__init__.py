@@ -18,6 +18,7 @@ from kd_lightning.methods.tasks.diffusion import DiffusionDistillation, Diffusio
 from kd_lightning.methods.tasks.language_model import LanguageModelDistillation, LMSupervised
 from kd_lightning.methods.tasks.masked_image import MaskedImageDistillation
 from kd_lightning.methods.tasks.node_classification import NodeClassificationDistillation, NodeSupervised
+from kd_lightning.methods.tasks.reasoning import ReasoningDistillation, ReasoningSupervised
 from kd_lightning.methods.tasks.retrieval import RetrievalDistillation, RetrievalSupervised
 from kd_lightning.methods.tasks.segmentation import (
     SegmentationDistillation,
@@ -37,6 +38,8 @@ __all__ = [
     "MaskedImageDistillation",
     "NodeClassificationDistillation",
     "NodeSupervised",
+    "ReasoningDistillation",
+    "ReasoningSupervised",
     "RetrievalDistillation",
     "RetrievalSupervised",
     "SegmentationDistillation",

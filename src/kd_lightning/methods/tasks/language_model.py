@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,16 @@ from kd_lightning.errors import KDConfigError
 from kd_lightning.losses._common import upcast
 from kd_lightning.losses.divergences import forward_kl
 from kd_lightning.losses.lm import align_vocab, normalize_token_sum, shift_for_next_token
+from kd_lightning.losses.vocab_map import (
+    VocabMap,
+    build_vocab_map,
+    map_input_ids,
+    project_teacher_logits,
+    restrict_logits,
+)
 from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
+from kd_lightning.methods.tasks.generation import VerifierEvaluation
+from kd_lightning.models.lm import tokenizer_vocabulary
 
 __all__ = [
     "ExpMeanMetric",
@@ -217,7 +226,7 @@ def sampled_token_reverse_kl(
 
 
 # ---------------------------------------------------------------------------------------------- task sibling
-class LanguageModelDistillation(DistillationModule):
+class LanguageModelDistillation(VerifierEvaluation, DistillationModule):
     """Language modelling: a causal-LM student learns from frozen LM teacher(s) (see the module docstring).
 
     Subclasses implement :meth:`distillation_sums` (token losses summed over the valid tokens, from aligned
@@ -233,7 +242,35 @@ class LanguageModelDistillation(DistillationModule):
         tokenizer_ids_match: whether student and teacher share the token ids when their vocabulary sizes
             differ: ``True`` slices the padding rows (same family, e.g. 151936 vs 152064), ``False`` is an
             error (different tokenizers); ``None`` lets :func:`~kd_lightning.losses.lm.align_vocab` decide.
+        vocab_mapping: how to distil between models whose recorded tokenizers differ (see below): ``None``
+            (default) refuses them at setup; ``"exact_tokens"`` maps each student token to the teacher token
+            of the same string (:mod:`kd_lightning.losses.vocab_map`: byte-level ``Ġ`` and SentencePiece ``▁``
+            / ``<0xNN>`` markers normalised, special tokens by string and role): hooks on the teacher's forward
+            translate the student's token ids to the teacher's (unmapped ones become its unknown token) and
+            project its logits onto the student's vocabulary (probability 0 on unmapped student ids,
+            renormalised over the mapped ones), so every method and metric sees student-vocabulary teacher
+            logits. One teacher; not with the chunked loss (``chunked``), offline teacher logits or teacher
+            generation (``generate`` is not mapped).
+        vocab_mapping_min_coverage: warn when fewer than this fraction of the student's token ids have a
+            teacher counterpart.
+        vocab_mapping_renormalize_student: also renormalise the student's distribution over the mapped ids
+            (needed for reverse-KL-type objectives, which are unbounded where the projected teacher has
+            probability 0; leave off when a cross-entropy term targets tokens that may be unmapped).
+        check_chat_template: refuse a teacher/student pair where only one tokenizer has a chat template.
+        eval_max_new_tokens: longest generated answer in the verifier evaluation; ``None``: 1.25 × the data's
+            longest reference response + 4 tokens (what ``kd fit`` also uses for the teachers it trains) (data with
+            a ``verifier``:
+            :class:`~kd_lightning.data.reasoning.ReasoningDataModule`; see
+            :mod:`~kd_lightning.methods.tasks.generation`).
+        eval_samples: ``k`` of ``avg@k`` in that evaluation (``0``: greedy ``pass@1`` only).
+        eval_temperature: sampling temperature of ``avg@k``.
         **kwargs: the core's arguments (``teachers``, ``teacher_ckpt``, ``optimizer``, ...).
+
+    **Tokenizer checks at setup.** When the student and a teacher both record their tokenizer (e.g.
+    :class:`~kd_lightning.models.lm.HFCausalLM` with ``tokenizer: <folder>``), their
+    :class:`~kd_lightning.models.lm.TokenizerIdentity` fingerprints must be equal (same ids for the same
+    strings) unless ``vocab_mapping`` is set, and a chat template on one side only is refused
+    (``check_chat_template``); a data module whose tokenizer has a fingerprint must use the student's.
     """
 
     teacher_training_module: ClassVar[type[DistillationModule] | None] = None  # LMSupervised, set below
@@ -246,14 +283,36 @@ class LanguageModelDistillation(DistillationModule):
         num_classes: int | None = None,
         fidelity: bool = True,
         tokenizer_ids_match: bool | None = None,
+        vocab_mapping: Literal["exact_tokens"] | None = None,
+        vocab_mapping_min_coverage: float = 0.9,
+        vocab_mapping_renormalize_student: bool = False,
+        check_chat_template: bool = True,
+        eval_max_new_tokens: int | None = None,
+        eval_samples: int = 0,
+        eval_temperature: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(student=student, teacher=teacher, **kwargs)
+        self.set_generation_eval(eval_max_new_tokens, eval_samples, eval_temperature)
         if num_classes is not None and num_classes < 1:
             raise KDConfigError("num_classes", f"must be >= 1, got {num_classes}")
+        if vocab_mapping not in (None, "exact_tokens"):
+            raise KDConfigError("vocab_mapping", f"must be null or 'exact_tokens', got {vocab_mapping!r}")
+        if vocab_mapping is not None and len(self.teachers) > 1:
+            raise KDConfigError(
+                "vocab_mapping", f"maps one teacher's vocabulary, got {len(self.teachers)} teachers", "give one teacher"
+            )
+        if not 0.0 <= vocab_mapping_min_coverage <= 1.0:
+            raise KDConfigError("vocab_mapping_min_coverage", f"must be in [0, 1], got {vocab_mapping_min_coverage}")
         self.num_classes = num_classes
         self.fidelity = fidelity and bool(len(self.teachers))
         self.tokenizer_ids_match = tokenizer_ids_match
+        self.vocab_mapping = vocab_mapping
+        self.vocab_mapping_min_coverage = vocab_mapping_min_coverage
+        self.vocab_mapping_renormalize_student = vocab_mapping_renormalize_student
+        self.check_chat_template = check_chat_template
+        self.vocab_map: VocabMap | None = None  # built at setup when vocab_mapping applies
+        self._vocab_map_hooks: list[Any] = []
         self.metrics = nn.ModuleDict()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -276,6 +335,7 @@ class LanguageModelDistillation(DistillationModule):
 
     # ------------------------------------------------------------------ checks
     def check_data(self, datamodule: Any) -> None:
+        self.attach_reasoning_data(datamodule)
         trainer = self._trainer
         if datamodule is not None and trainer is not None:
             datamodule.accumulate_grad_batches = int(trainer.accumulate_grad_batches)
@@ -326,20 +386,150 @@ class LanguageModelDistillation(DistillationModule):
         return vocab
 
     def check_vocabularies(self, data_name: str) -> None:
+        mapped_fields = self.check_tokenizers(data_name)
         sizes = {field: self.probe_vocab(field, module) for field, module in self.networks_to_check().items()}
         if self.num_classes is None:
             self.num_classes = min(sizes.values())
         student = sizes["student"]
         for field, size in sizes.items():
-            if field == "student" or size == student:
+            if field == "student" or size == student or field in mapped_fields:
                 continue
             try:
                 self.align(torch.zeros(1, student, device=self.device), torch.zeros(1, size, device=self.device))
             except KDConfigError as err:
                 raise KDConfigError(f"model.init_args.student/{field}", str(err)) from None
 
+    def check_tokenizers(self, data_name: str = "the data") -> set[str]:
+        """Compare the tokenizers the networks record (``tokenizer_identity``) and the data module's; build the
+        vocabulary map when ``vocab_mapping`` asks for it. Returns the teacher fields that are mapped."""
+        networks = self.networks_to_check()
+        student = networks["student"]
+        ids = {field: getattr(module, "tokenizer_identity", None) for field, module in networks.items()}
+        mine = ids["student"]
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_identity = getattr(getattr(datamodule, "tokenizer", None), "identity", None)
+        if mine is not None and data_identity is not None and data_identity.fingerprint != mine.fingerprint:
+            raise KDConfigError(
+                "data.init_args.tokenizer",
+                f"{data_name} tokenizes with {data_identity.describe()}, but the student's tokenizer is "
+                f"{mine.describe()}",
+                "tokenize the data with the student's tokenizer (data.init_args.tokenizer: <the student's folder>)",
+            )
+        mapped: set[str] = set()
+        for field, theirs in ids.items():
+            if field == "student" or mine is None or theirs is None:
+                if field != "student" and self.vocab_mapping is not None:
+                    side = "student" if mine is None else field
+                    raise KDConfigError(
+                        "model.init_args.vocab_mapping",
+                        f"maps token strings, but the {side} records no tokenizer",
+                        f"give the {side} its tokenizer (HFCausalLM tokenizer: <folder>), or set vocab_mapping: null",
+                    )
+                continue
+            where = f"model.init_args.student/{field}"
+            if self.check_chat_template and mine.has_chat_template != theirs.has_chat_template:
+                has, lacks = ("student", field) if mine.has_chat_template else (field, "student")
+                raise KDConfigError(
+                    where,
+                    f"a chat template missing on one side: the {has}'s tokenizer has one, the {lacks}'s "
+                    f"({(theirs if lacks != 'student' else mine).name}) has none",
+                    "use tokenizers that both have the chat template (or neither), or set "
+                    "model.init_args.check_chat_template: false if the data does not use chat formatting",
+                )
+            if mine.fingerprint == theirs.fingerprint:
+                continue
+            if self.vocab_mapping is None:
+                raise KDConfigError(
+                    where,
+                    f"the tokenizers differ: student {mine.describe()}, {field} {theirs.describe()}, so the same "
+                    "token id means different tokens",
+                    "give both models the same tokenizer, or set model.init_args.vocab_mapping: exact_tokens to map "
+                    "the teacher's vocabulary onto the student's by token string",
+                )
+            self.build_vocab_map(student, networks[field])
+            mapped.add(field)
+        return mapped
+
+    def build_vocab_map(self, student: nn.Module, teacher: nn.Module) -> VocabMap:
+        """The ``exact_tokens`` map (student id -> teacher id), a coverage warning, and the teacher's forward hooks
+        (input ids translated to the teacher's, logits projected onto the student's vocabulary)."""
+        s_info, t_info = tokenizer_vocabulary(student.tokenizer), tokenizer_vocabulary(teacher.tokenizer)
+        rows = int(getattr(student, "vocab_size", 0) or s_info["size"])
+        vocab_map = build_vocab_map(
+            s_info["vocab"],
+            t_info["vocab"],
+            student_scheme=s_info["scheme"],
+            teacher_scheme=t_info["scheme"],
+            student_special=s_info["special"],
+            teacher_special=t_info["special"],
+            student_roles=s_info["roles"],
+            teacher_roles=t_info["roles"],
+            num_student_rows=max(rows, s_info["size"]),
+        )
+        teacher_rows = int(getattr(teacher, "vocab_size", 0) or t_info["size"])
+        if int(vocab_map.student_to_teacher.max()) >= teacher_rows:
+            raise KDConfigError(
+                "model.init_args.teacher",
+                f"its tokenizer has ids up to {int(vocab_map.student_to_teacher.max())} but it predicts {teacher_rows}",
+                "give the teacher its own tokenizer",
+            )
+        if vocab_map.num_mapped == 0:
+            raise KDConfigError(
+                "model.init_args.vocab_mapping",
+                "exact_tokens found no token string shared by the student's and the teacher's tokenizers",
+                "use tokenizers with overlapping vocabularies, or a cross-tokenizer method",
+            )
+        if vocab_map.student_coverage < self.vocab_mapping_min_coverage:
+            warnings.warn(
+                f"vocab_mapping exact_tokens: only {vocab_map.num_mapped} of the student's {vocab_map.student_size} "
+                f"token ids ({vocab_map.student_coverage:.1%}) have a teacher token of the same string (teacher "
+                f"coverage {vocab_map.teacher_coverage:.1%}), below vocab_mapping_min_coverage="
+                f"{self.vocab_mapping_min_coverage}; unmapped, e.g.: {vocab_map.unmapped_examples}",
+                stacklevel=2,
+            )
+        if getattr(self, "chunked", False):
+            raise KDConfigError(
+                "model.init_args.chunked",
+                "cannot be combined with vocab_mapping (the chunked loss reads the teacher's own LM head)",
+                "set chunked: false",
+            )
+        unk = t_info["roles"].get("unk")
+        unmapped_id = int(unk if unk is not None else (t_info["roles"].get("pad") or t_info["roles"].get("eos") or 0))
+        for hook in self._vocab_map_hooks:
+            hook.remove()
+        self.register_buffer("_vocab_index", vocab_map.student_to_teacher.clone(), persistent=False)
+
+        def to_teacher_ids(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (map_input_ids(args[0], self._vocab_index, unmapped_id), *args[1:]), kwargs
+            if "input_ids" in kwargs:
+                return args, {**kwargs, "input_ids": map_input_ids(kwargs["input_ids"], self._vocab_index, unmapped_id)}
+            return None
+
+        def to_student_vocab(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            if isinstance(output, Tensor) and output.dim() >= 1:
+                return project_teacher_logits(output, self._vocab_index, check=False)
+            return None
+
+        self._vocab_map_hooks = [
+            teacher.register_forward_pre_hook(to_teacher_ids, with_kwargs=True),
+            teacher.register_forward_hook(to_student_vocab, with_kwargs=True),
+        ]
+        self.vocab_map = vocab_map
+        return vocab_map
+
     def align(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Student and teacher logits over one vocabulary (:func:`~kd_lightning.losses.lm.align_vocab`)."""
+        """Student and teacher logits over one vocabulary (:func:`~kd_lightning.losses.lm.align_vocab`).
+
+        With ``vocab_mapping`` the teacher's forward already returns logits over the student's vocabulary
+        (:func:`~kd_lightning.losses.vocab_map.project_teacher_logits`); ``vocab_mapping_renormalize_student``
+        then restricts the student to the mapped ids here.
+        """
+        vocab_map = self.vocab_map
+        if vocab_map is not None and self.vocab_mapping_renormalize_student:
+            mapped = self._vocab_index[: student_logits.shape[-1]] >= 0
+            if mapped.numel() == student_logits.shape[-1]:
+                student_logits = restrict_logits(student_logits, mapped)
         if student_logits.shape[-1] == teacher_logits.shape[-1]:
             return student_logits, teacher_logits
         return align_vocab(
@@ -426,6 +616,7 @@ class LanguageModelDistillation(DistillationModule):
                 self.metrics[f"{stage}_teacher_acc"] = MeanMetric()
                 self.metrics[f"{stage}_agreement"] = MeanMetric()
                 self.metrics[f"{stage}_kl_to_teacher"] = MeanMetric()
+        self.build_verifier_metrics()
 
     def _update(self, stage: str, name: str, values: Tensor, num_tokens: int, prog_bar: bool = False) -> None:
         metric = self.metrics[f"{stage}_{name}"]
@@ -433,6 +624,7 @@ class LanguageModelDistillation(DistillationModule):
         self.log(f"{stage}/{name}", metric, batch_size=num_tokens, prog_bar=prog_bar)
 
     def evaluate(self, batch: Any, batch_idx: int, stage: str) -> None:
+        self.evaluate_with_verifier(self.student, batch, stage)
         input_ids, attention_mask, labels = lm_batch(batch)
         logits = self.student(input_ids, attention_mask=attention_mask)
         s, y, mask = shift_for_next_token(logits, labels)
@@ -468,7 +660,8 @@ class LMSupervised(SingleNetwork, LanguageModelDistillation):
     ``L = Σ_{valid tokens t} CE(z_t, y_{t+1}) / N_valid`` with ``N_valid`` counted over the whole
     gradient-accumulation group and every DDP rank (global token normalisation), optional label
     smoothing ε. Validation: ``val/loss``, ``val/ppl``, ``val/acc`` (token top-1). ``kd fit`` trains
-    missing LM teachers with it.
+    missing LM teachers with it. On reasoning batches that carry ``sft_*`` sequences (the data's
+    ``privileged_fraction``) it trains on those.
 
     Args:
         model: the causal LM (``forward(input_ids, attention_mask) -> logits [B, T, V]``).
@@ -487,6 +680,13 @@ class LMSupervised(SingleNetwork, LanguageModelDistillation):
             self.num_classes = vocab
 
     def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        if isinstance(batch, Mapping) and "sft_input_ids" in batch:  # reasoning data's privileged_fraction rows
+            batch = {
+                **batch,
+                "input_ids": batch["sft_input_ids"],
+                "attention_mask": batch["sft_attention_mask"],
+                "labels": batch["sft_labels"],
+            }
         input_ids, attention_mask, labels = lm_batch(batch)
         logits = self.student(input_ids, attention_mask=attention_mask)
         s, y, mask = shift_for_next_token(logits, labels)
