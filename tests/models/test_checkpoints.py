@@ -303,6 +303,32 @@ def test_pretrained_folder_kwargs_prefer_safetensors_and_never_unpickle(tmp_path
         "use_safetensors": False,
         "weights_only": True,
     }
-    assert "weights_only" not in pretrained_folder_kwargs(tmp_path, weights_only=False)  # diffusers' own safe default
+    assert "weights_only" not in pretrained_folder_kwargs(tmp_path, library="diffusers")  # diffusers' own safe default
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert pretrained_folder_kwargs(tmp_path) == {"local_files_only": True, "use_safetensors": True}
+
+
+def test_diffusers_reads_a_torch_weights_file_with_weights_only(tmp_path, monkeypatch) -> None:
+    """The diffusers path passes no weights_only: diffusers itself must load torch files with weights_only=True."""
+    diffusers = pytest.importorskip("diffusers")
+    from kd_lightning.errors import KDConfigError
+    from kd_lightning.models.checkpoints import pretrained_folder_kwargs
+
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
+    )  # fmt: skip
+    unet.save_pretrained(tmp_path, safe_serialization=False)
+    assert not any(tmp_path.glob("*.safetensors"))
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    diffusers.UNet2DModel.from_pretrained(str(tmp_path), **pretrained_folder_kwargs(tmp_path, library="diffusers"))
+    assert calls and all(kwargs.get("weights_only") is True for kwargs in calls)
+    with pytest.raises(KDConfigError, match="library"):
+        pretrained_folder_kwargs(tmp_path, library="timm")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.errors import TeacherCheckpointError, UnsafeCheckpointError, one_line
+from kd_lightning.errors import KDConfigError, TeacherCheckpointError, UnsafeCheckpointError, one_line
 
 __all__ = [
     "CheckpointKey",
@@ -301,13 +301,19 @@ def load_weights(
     return module
 
 
-def pretrained_folder_kwargs(folder: str | Path, weights_only: bool = True) -> dict[str, Any]:
+def pretrained_folder_kwargs(
+    folder: str | Path, library: Literal["transformers", "diffusers"] = "transformers"
+) -> dict[str, Any]:
     """``from_pretrained`` arguments that read a local Hugging Face (transformers/diffusers) folder safely.
 
-    safetensors weights when the folder has any; otherwise torch files with ``torch.load(weights_only=True)``
-    (``weights_only`` is a transformers argument: pass ``weights_only=False`` for diffusers, which reads torch files
-    with ``weights_only=True`` itself and does not take the argument). Never downloads (``local_files_only``).
+    safetensors weights when the folder has any; otherwise torch files, always with ``torch.load(weights_only=True)``:
+    transformers is told so (its ``weights_only`` argument); diffusers does not take that argument and loads torch
+    files with ``weights_only=True`` itself (``diffusers.models.model_loading_utils.load_state_dict``, checked for
+    0.42). Never downloads (``local_files_only``).
     """
+    if library not in ("transformers", "diffusers"):
+        raise KDConfigError("library", f"must be 'transformers' or 'diffusers', got {library!r}")
     if any(Path(folder).glob("*.safetensors")):
         return {"local_files_only": True, "use_safetensors": True}
-    return {"local_files_only": True, "use_safetensors": False, **({"weights_only": True} if weights_only else {})}
+    safe_torch_load = {"weights_only": True} if library == "transformers" else {}
+    return {"local_files_only": True, "use_safetensors": False, **safe_torch_load}

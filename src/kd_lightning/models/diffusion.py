@@ -298,7 +298,7 @@ def _load_pipeline(diffusers: Any, path: Path) -> tuple[nn.Module, dict[str, Any
             "save the pipeline with save_pretrained (unet/config.json + weights)",
         )
     unet = diffusers.UNet2DModel.from_pretrained(
-        str(unet_dir), **pretrained_folder_kwargs(unet_dir, weights_only=False)
+        str(unet_dir), **pretrained_folder_kwargs(unet_dir, library="diffusers")
     )
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     config: dict[str, Any] = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
