@@ -45,6 +45,8 @@ from kd_lightning.methods import (
     TRG,
     TSDKD,
     AdaKD,
+    AlignTI,
+    AttributionGuidedNMT,
     BiLD,
     ClassificationDistillation,
     CLoCKDistill,
@@ -87,13 +89,20 @@ from kd_lightning.methods import (
     SegmentationSupervised,
     SegPixelKD,
     SemiSupervisedKD,
+    Seq2SeqDistillation,
+    Seq2SeqKD,
+    Seq2SeqSupervised,
     SinKD,
     SparseEnsembleKD,
     Supervised,
     SwingKD,
+    SwitchKD,
     TalkingModels,
     TGeoKD,
     VanillaKD,
+    VisionLanguageDistillation,
+    VLMSupervised,
+    VLMTokenKD,
 )
 from kd_lightning.teachers.logit_cache import ViewLogitStore, teacher_digest
 from tests.data_generators import write_fake_cifar100
@@ -298,8 +307,12 @@ REFUSED += [SemiSupervisedKD, DHO, LLKD, LELP, KD3, TalkingModels]
 REFUSED += [MSTDistill]
 #: Reasoning methods: responses sampled every step (OPSD, TSD-KD, MixSD) or a text-only teacher (SODA).
 REFUSED += [OPSD, TSDKD, SODA, MixSD]
+#: Vision-language and translation: the teacher runs on images / through attention (token KD, a switched teacher
+#: forward, hidden states and attentions, attribution maps).
+REFUSED += [VLMTokenKD, SwitchKD, AlignTI, Seq2SeqKD, AttributionGuidedNMT]
 #: Supervised training of one network: no teacher to replace.
 NO_TEACHER = [Supervised, LMSupervised, ReasoningSupervised, DetectionSupervised, SegmentationSupervised]
+NO_TEACHER += [VLMSupervised, Seq2SeqSupervised]
 #: Task siblings of the core: bases, not methods.
 BASES = [
     ClassificationDistillation,
@@ -311,6 +324,8 @@ BASES = [
     NodeClassificationDistillation,
     RetrievalDistillation,
     DiffusionDistillation,
+    VisionLanguageDistillation,
+    Seq2SeqDistillation,
 ]
 #: Dense-prediction methods: their teachers give feature maps and boxes, not per-image class logits.
 OTHER_TASKS = [

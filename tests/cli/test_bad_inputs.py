@@ -182,6 +182,26 @@ def _hf_pair_config(tokenizer_b: dict[str, str | None]) -> Callable[[Path], None
     return write
 
 
+def _vlm_pair_config(path: Path) -> None:
+    """A config distilling between two VLMs whose (tiny HF) language models have different tokenizers."""
+    from tests.helpers.tiny_hf import TINY_LLAMA, make_tokenizer
+
+    root = path.parent
+    make_tokenizer(root / "tok_student")
+    make_tokenizer(root / "tok_teacher", words=["the", "cat", "woke"])
+    vision = "{class_path: DigitPatchEncoder, init_args: {channels: [4, 8]}}"
+    lm = "{{class_path: HFCausalLM, init_args: {{config: {config}, tokenizer: {tok}}}}}"
+    vlm = "{{class_path: VisionLanguageModel, init_args: {{vision: {vision}, language: {lm}}}}}"
+    student = vlm.format(vision=vision, lm=lm.format(config=dict(TINY_LLAMA), tok=root / "tok_student"))
+    teacher = vlm.format(vision=vision, lm=lm.format(config=dict(TINY_LLAMA), tok=root / "tok_teacher"))
+    path.write_text(
+        f"model:\n  class_path: VLMTokenKD\n  init_args:\n    student: {student}\n    teacher: {teacher}\n"
+        "teacher_training: {enabled: false}\n"
+        "data:\n  class_path: DigitVQADataModule\n"
+        f"  init_args: {{tokenizer: {root / 'tok_student'}, num_train: 8, num_val: 4, num_test: 4, num_workers: 0}}\n"
+    )
+
+
 def _beir_with_unknown_id(folder: Path) -> None:
     """A tiny BEIR folder whose dev qrels name a document the corpus lacks."""
     write_beir(folder, extra_dev_lines=["q24\td99\t1"])
@@ -190,6 +210,12 @@ def _beir_with_unknown_id(folder: Path) -> None:
 def _idf_of_another_tokenizer(path: Path) -> None:
     path.write_text('{"[CLS]": 0.0, "zebrafish": 7.1, "##ology": 3.2, "the": 0.4}')
 
+
+#: The VQA configs pretrain their vision towers at construction; cases that fail at setup skip it.
+_NO_VISION_PRETRAINING = (
+    "--model.init_args.student.init_args.vision.init_args.pretrain_steps=0",
+    "--model.init_args.teacher.init_args.vision.init_args.pretrain_steps=0",
+)
 
 # ---------------------------------------------------------------------------------------------- the cases
 CASES: list[Case] = [
@@ -967,6 +993,74 @@ CASES: list[Case] = [
         "model.init_args.student/teacher:",
         ("chat template missing on one side", "check_chat_template"),
         files={"hf_pair.yaml": _hf_pair_config({"chat": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})},
+    ),
+    # --- vision-language and translation (issue 19)
+    Case(
+        "vlm-tokenizers-differ",
+        "distilled between VLMs whose language models use different tokenizers",
+        ("fit", "--config", "{tmp}/vlm_pair.yaml"),
+        "model.init_args.teacher:",
+        ("differs from the student's", "same token"),
+        files={"vlm_pair.yaml": _vlm_pair_config},
+    ),
+    Case(
+        "vlm-image-token-counts-differ",
+        "gave the teacher VLM 2 visual tokens per image and the student 4",
+        (
+            "fit",
+            "--config",
+            "{configs}/vqa_token_kd.yaml",
+            "--model.init_args.teacher.init_args.num_image_tokens=2",
+            *_NO_VISION_PRETRAINING,
+        ),
+        "model.init_args.teacher:",
+        ("2 visual tokens", "same num_image_tokens"),
+    ),
+    Case(
+        "vlm-teacher-not-a-vlm",
+        "gave a VLM method a text-only teacher",
+        (
+            "fit",
+            "--config",
+            "{configs}/vqa_token_kd.yaml",
+            "--model.init_args.teacher={configs}/fragments/reasoning_teacher_tinygpt.yaml",
+            "--model.init_args.student.init_args.vision.init_args.pretrain_steps=0",
+        ),
+        "model.init_args.teacher:",
+        ("not a vision-language model", "VisionLanguageModel"),
+    ),
+    Case(
+        "switch-kd-dims-without-adapter",
+        "turned off Switch-KD's adapter although the student's and teacher's widths differ",
+        (
+            "fit",
+            "--config",
+            "{configs}/vqa_switch_kd.yaml",
+            "--model.init_args.align_projector=none",
+            *_NO_VISION_PRETRAINING,
+        ),
+        "model.init_args.align_projector:",
+        ("48", "96", "linear"),
+    ),
+    Case(
+        "attribution-method-unknown",
+        "asked for an attribution method the library does not have (LIME)",
+        ("fit", "--config", "{configs}/translation_attribution_kd.yaml", "--model.init_args.attribution=lime"),
+        "model.init_args.attribution:",
+        ("attention", "value_zeroing", "integrated_gradients"),
+    ),
+    Case(
+        "translation-parallel-text-missing",
+        "pointed the parallel-text reader at a folder without the files",
+        (
+            "fit",
+            "--config",
+            "{configs}/translation_student.yaml",
+            "--data.init_args.format=parallel_text",
+            "--data.init_args.root={tmp}/nodata",
+        ),
+        "data.init_args.root:",
+        ("train.src", "one sentence per line"),
     ),
     Case(
         "search-no-candidate-under-budget",

@@ -55,3 +55,26 @@ TINY_REASONING = [
     "--data.init_args.eval_batch_size=8",
     "--model.init_args.eval_max_new_tokens=6",
 ]
+
+#: Shrinks a VQA config (configs/vqa_*.yaml) to seconds: few questions, tiny teacher budget, short generations.
+TINY_VQA = [
+    "--data.init_args.num_train=32",
+    "--data.init_args.num_val=8",
+    "--data.init_args.num_test=8",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.eval_batch_size=8",
+    "--model.init_args.eval_max_new_tokens=4",
+    # the configs' vision towers pretrain for 300 steps at construction: 3 steps here (same code path)
+    "--model.init_args.student.init_args.vision.init_args.pretrain_steps=3",
+    "--model.init_args.teacher.init_args.vision.init_args.pretrain_steps=3",
+]
+
+#: Shrinks a translation config (configs/translation_*.yaml) to seconds: few sentences, short translations.
+TINY_TRANSLATION = [
+    "--data.init_args.num_train=48",
+    "--data.init_args.num_val=8",
+    "--data.init_args.num_test=8",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.eval_batch_size=8",
+    "--model.init_args.eval_max_new_tokens=6",
+]

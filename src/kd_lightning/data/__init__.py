@@ -20,6 +20,8 @@ from kd_lightning.data.semi_supervised import LABELED, UNLABELED, SemiSupervised
 from kd_lightning.data.teacher_logits import TeacherLogitStore, write_teacher_logits
 from kd_lightning.data.text import ByteTokenizer, HFTokenizer, TextDataModule, TokenBatchLoader
 from kd_lightning.data.transfer import TransferSetDataModule
+from kd_lightning.data.translation import TranslationDataModule, WordTokenizer
+from kd_lightning.data.vqa import DigitVQADataModule
 from kd_lightning.data.wrappers import ClassGroupsDataModule, WrappedDataModule
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "CityscapesDataModule",
     "ClassGroupsDataModule",
     "CoauthorAmazonDataModule",
+    "DigitVQADataModule",
     "DigitsDataModule",
     "DigitsGraphDataModule",
     "DigitsVariantsDataModule",
@@ -53,6 +56,8 @@ __all__ = [
     "TextDataModule",
     "TokenBatchLoader",
     "TransferSetDataModule",
+    "TranslationDataModule",
+    "WordTokenizer",
     "WrappedDataModule",
     "detection_collate",
     "make_scenes",

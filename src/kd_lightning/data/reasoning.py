@@ -47,10 +47,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from kd_lightning.data.base import KDDataModule
-from kd_lightning.data.text import IGNORE_INDEX, ByteTokenizer, HFTokenizer, TokenBatchLoader, load_tokenizer
+from kd_lightning.data.text import IGNORE_INDEX, ByteTokenizer, HFTokenizer, TokenLoaders, load_tokenizer
 from kd_lightning.errors import DatasetNotFoundError, KDConfigError
 
 __all__ = [
@@ -401,7 +401,7 @@ class EncodedProblems(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- data module
-class ReasoningDataModule(KDDataModule):
+class ReasoningDataModule(TokenLoaders, KDDataModule):
     """Problems with verifiable answers and worked reference solutions (see the module docstring).
 
     Args:
@@ -665,32 +665,3 @@ class ReasoningDataModule(KDDataModule):
     # ------------------------------------------------------------------ loaders
     def _collate(self) -> partial:
         return partial(collate_reasoning, pad_token_id=self.pad_token_id)
-
-    def train_dataloader(self) -> TokenBatchLoader:
-        trainer = getattr(self, "trainer", None)
-        group = self.accumulate_grad_batches or (int(getattr(trainer, "accumulate_grad_batches", 1)) if trainer else 1)
-        return TokenBatchLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=self.drop_last,
-            num_workers=self.num_workers,
-            collate_fn=self._collate(),
-            accumulate_grad_batches=group,
-            limit_batches=getattr(trainer, "limit_train_batches", 1.0) if trainer is not None else 1.0,
-        )
-
-    def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=self._collate(),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set)

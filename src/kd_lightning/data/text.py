@@ -392,6 +392,11 @@ class TokenBatchLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:  # type: ignore[override]
         return self._grouped(super().__iter__())
 
+    @staticmethod
+    def count_tokens(labels: Tensor) -> int:
+        """Predicted tokens of a batch: next-token labels (``labels[:, 1:] != -100``)."""
+        return _count_valid(labels)
+
     def _grouped(self, iterator: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
         k = int(self.accumulate_grad_batches)
         used = _limited_length(len(self), self.limit_batches)
@@ -401,11 +406,62 @@ class TokenBatchLoader(DataLoader):
             group = list(itertools.islice(iterator, size))
             if not group:
                 return
-            total = torch.tensor(sum(_count_valid(batch["labels"]) for batch in group), dtype=torch.long)
+            total = torch.tensor(sum(self.count_tokens(batch["labels"]) for batch in group), dtype=torch.long)
             for batch in group:
                 batch["num_items_in_batch"] = total.clone()
                 yield batch
             seen += len(group)
+
+
+class TokenLoaders:
+    """``train/val/test_dataloader`` of in-memory token data modules (reasoning, VQA, translation).
+
+    The host has ``train_set``, ``val_set``, ``test_set``, ``batch_size``, ``eval_batch_size``, ``num_workers``,
+    ``drop_last``, ``accumulate_grad_batches`` and ``_collate()``; training batches come from ``batch_loader``
+    (a :class:`TokenBatchLoader`: ``num_items_in_batch`` per accumulation group), evaluation batches in order.
+    """
+
+    batch_loader: type[TokenBatchLoader] = TokenBatchLoader
+    train_set: Dataset | None
+    val_set: Dataset | None
+    test_set: Dataset | None
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    drop_last: bool
+    accumulate_grad_batches: int | None
+
+    def _collate(self) -> Any:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> TokenBatchLoader:
+        trainer = getattr(self, "trainer", None)
+        group = self.accumulate_grad_batches or (int(getattr(trainer, "accumulate_grad_batches", 1)) if trainer else 1)
+        return self.batch_loader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(),
+            accumulate_grad_batches=group,
+            limit_batches=getattr(trainer, "limit_train_batches", 1.0) if trainer is not None else 1.0,
+        )
+
+    def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
 
 
 def _split_documents(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], ...]:

@@ -19,6 +19,15 @@ from kd_lightning.losses.adakd import (
     idts_temperatures,
     select_hardest,
 )
+from kd_lightning.losses.align_ti import (
+    instruction_relevance_scores,
+    instruction_to_vision_attention,
+    iva_attention_kl,
+    iva_loss,
+    salient_visual_tokens,
+    transition_probability_alignment,
+)
+from kd_lightning.losses.attribution_nmt import attribution_row_kl
 from kd_lightning.losses.bd_kd import (
     BDKDLoss,
     bd_kd_weights,
@@ -190,6 +199,7 @@ from kd_lightning.losses.self_distill import (
     rbf_kernel,
     softmax_mse,
 )
+from kd_lightning.losses.seq2seq_kd import WordLevelKDLoss
 from kd_lightning.losses.skd import (
     SKDLoss,
 )
@@ -216,6 +226,7 @@ from kd_lightning.losses.swing import (
     soft_target_kl,
     swing_temperatures,
 )
+from kd_lightning.losses.switch_kd import SwitchKDLoss, switch_token_sum
 from kd_lightning.losses.taid import (
     TAIDLoss,
     pending_over_ranks,
@@ -260,6 +271,7 @@ from kd_lightning.losses.transport import (
     sinkhorn_plan,
 )
 from kd_lightning.losses.tsd_kd import TSDKDLoss, plackett_luce_nll, tsd_kd_terms
+from kd_lightning.losses.vlm_kd import VLMTokenKDLoss, token_kl_sum
 
 __all__ = [
     "CHUNK_OBJECTIVES",
@@ -311,12 +323,15 @@ __all__ = [
     "SinKDLoss",
     "SubclassStats",
     "SwingLoss",
+    "SwitchKDLoss",
     "TAIDLoss",
     "TGeoKDLoss",
     "TRGLoss",
     "TSDKDLoss",
     "TokenDivergence",
     "TopKTargets",
+    "VLMTokenKDLoss",
+    "WordLevelKDLoss",
     "adakd_difficulty",
     "aggregate_subclasses",
     "align_vocab",
@@ -326,6 +341,7 @@ __all__ = [
     "attention_map",
     "attention_transfer_loss",
     "attention_transfer_term",
+    "attribution_row_kl",
     "autoencoding_loss",
     "bd_kd_weights",
     "boot_grid",
@@ -369,7 +385,11 @@ __all__ = [
     "idts_temperatures",
     "info_nce",
     "instance_contrastive",
+    "instruction_relevance_scores",
+    "instruction_to_vision_attention",
     "interactive_terms",
+    "iva_attention_kl",
+    "iva_loss",
     "kd_kl_div",
     "kernel_ridge_self_distillation",
     "kernel_ridge_self_distillation_limit",
@@ -430,6 +450,7 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_angles",
     "rkd_distance_loss",
+    "salient_visual_tokens",
     "sample_mixup",
     "sample_noise",
     "sample_token_indices",
@@ -453,17 +474,20 @@ __all__ = [
     "subclass_log_targets",
     "subclass_targets",
     "swing_temperatures",
+    "switch_token_sum",
     "taid_interpolated_logits",
     "taid_loss",
     "teacher_anchored_contrastive",
     "tgeo_kd_terms",
     "token_cross_entropy",
     "token_graph",
+    "token_kl_sum",
     "token_objective",
     "tokens_from_features",
     "topk_expert_kd",
     "topk_targets",
     "total_variation",
+    "transition_probability_alignment",
     "translation_loss",
     "tsd_kd_terms",
     "unpatchify",

@@ -7,7 +7,9 @@ registry is this module: every class listed in ``__all__`` is usable by its shor
 """
 
 from kd_lightning.methods.adakd import AdaKD
+from kd_lightning.methods.align_ti import AlignTI
 from kd_lightning.methods.attention_transfer import AT
+from kd_lightning.methods.attribution_nmt import AttributionGuidedNMT
 from kd_lightning.methods.bd_kd import BDKD
 from kd_lightning.methods.bild import BiLD
 from kd_lightning.methods.boot import BOOT
@@ -48,11 +50,13 @@ from kd_lightning.methods.seg_cwd import SegCWD
 from kd_lightning.methods.seg_pixel_kd import SegPixelKD
 from kd_lightning.methods.self_distill import GTSelfDistill
 from kd_lightning.methods.semi_supervised_kd import SemiSupervisedKD
+from kd_lightning.methods.seq2seq_kd import Seq2SeqKD
 from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.methods.skd import SKD
 from kd_lightning.methods.soda import SODA
 from kd_lightning.methods.sparse_ensemble_kd import SparseEnsembleKD
 from kd_lightning.methods.swing import SwingKD
+from kd_lightning.methods.switch_kd import SwitchKD
 from kd_lightning.methods.taid import TAID
 from kd_lightning.methods.talking_models import TalkingModels
 from kd_lightning.methods.tasks import (
@@ -74,10 +78,13 @@ from kd_lightning.methods.tasks import (
     SegmentationSupervised,
     Supervised,
 )
+from kd_lightning.methods.tasks.seq2seq import Seq2SeqDistillation, Seq2SeqSupervised
+from kd_lightning.methods.tasks.vision_language import VisionLanguageDistillation, VLMSupervised
 from kd_lightning.methods.tgeo_kd import TGeoKD
 from kd_lightning.methods.trg import TRG
 from kd_lightning.methods.tsd_kd import TSDKD
 from kd_lightning.methods.vanilla_kd import VanillaKD
+from kd_lightning.methods.vlm_kd import VLMTokenKD
 
 __all__ = [
     "AT",
@@ -100,6 +107,8 @@ __all__ = [
     "TRG",
     "TSDKD",
     "AdaKD",
+    "AlignTI",
+    "AttributionGuidedNMT",
     "BiLD",
     "CLoCKDistill",
     "ClassificationDistillation",
@@ -143,11 +152,18 @@ __all__ = [
     "SegmentationDistillation",
     "SegmentationSupervised",
     "SemiSupervisedKD",
+    "Seq2SeqDistillation",
+    "Seq2SeqKD",
+    "Seq2SeqSupervised",
     "SinKD",
     "SparseEnsembleKD",
     "Supervised",
     "SwingKD",
+    "SwitchKD",
     "TGeoKD",
     "TalkingModels",
+    "VLMSupervised",
+    "VLMTokenKD",
     "VanillaKD",
+    "VisionLanguageDistillation",
 ]

@@ -49,9 +49,11 @@ from .multimodal import LateFusionNet, ModalityNet, SignalNet
 from .radioml import KDCNN, ClST, KDMobileNet
 from .search import NB201Network
 from .segmentation import DeepLabV3Segmenter, FCNSegmenter, LRASPPSegmenter
+from .seq2seq import HFSeq2SeqLM, TinySeq2Seq
 from .small import MLP, SmallCNN
 from .sparse_retrieval import BM25Scorer, DenseBiEncoder, SiameseSparseEncoder, SpladeDocumentEncoder
 from .taps import FeatureTaps, UnknownModuleError, module_names
+from .vlm import DigitPatchEncoder, TimmVisionEncoder, VisionLanguageModel
 from .wrappers import TimmModel, TorchvisionModel
 
 __all__ = [
@@ -80,6 +82,7 @@ __all__ = [
     "DeepLabV3Segmenter",
     "DenseBiEncoder",
     "DiffusionUNet",
+    "DigitPatchEncoder",
     "FCNSegmenter",
     "FCOSDetector",
     "FasterRCNNDetector",
@@ -88,6 +91,7 @@ __all__ = [
     "GCNNet",
     "GraphMLP",
     "HFCausalLM",
+    "HFSeq2SeqLM",
     "KDMobileNet",
     "LRASPPSegmenter",
     "LateFusionNet",
@@ -116,9 +120,12 @@ __all__ = [
     "SmallCNN",
     "SpladeDocumentEncoder",
     "TimmModel",
+    "TimmVisionEncoder",
     "TinyGPT",
+    "TinySeq2Seq",
     "TorchvisionModel",
     "UnknownModuleError",
+    "VisionLanguageModel",
     "WideResNet",
     "module_names",
 ]

@@ -16,6 +16,7 @@ prompts for :meth:`generate` may be left-padded (positions count real tokens onl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -165,8 +166,14 @@ class _CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None, cache: dict[str, Tensor] | None = None
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        cache: dict[str, Tensor] | None = None,
+        weights_out: list[Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """SDPA attention; with ``weights_out`` (a list) the softmax weights ``[B, heads, T, keys]`` are computed
+        explicitly (same result) and appended to it."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
@@ -176,12 +183,27 @@ class _CausalSelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache = {"k": k, "v": v}
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is None:
+        if weights_out is not None:
+            y = self._explicit(q, k, v, attn_mask, dropout, weights_out)
+        elif attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.resid_dropout(self.proj(y)), cache
+
+    @staticmethod
+    def _explicit(
+        q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, weights_out: list[Tensor]
+    ) -> Tensor:
+        """``softmax(q kᵀ/√d + mask) v`` with the weights kept (what SDPA computes, without the fused kernel)."""
+        t, keys = q.shape[2], k.shape[2]
+        if attn_mask is None:
+            attn_mask = torch.ones(t, keys, dtype=torch.bool, device=q.device).tril(keys - t)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        weights = F.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
+        weights_out.append(weights)
+        return F.dropout(weights, dropout) @ v
 
 
 class _Block(nn.Module):
@@ -198,9 +220,13 @@ class _Block(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None, cache: dict[str, Tensor] | None = None
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        cache: dict[str, Tensor] | None = None,
+        weights_out: list[Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        attended, cache = self.attn(self.ln1(x), attn_mask, cache)
+        attended, cache = self.attn(self.ln1(x), attn_mask, cache, weights_out)
         x = x + attended
         return x + self.mlp(self.ln2(x)), cache
 
@@ -356,6 +382,54 @@ class TinyGPT(_LoRAMixin, nn.Module, metaclass=ConfigFieldPrefix):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits ``[B, T, V]``."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask))
+
+    # ------------------------------------------------------------------ embeddings API (vision-language models)
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings ``[B, T, H]`` of ``input_ids`` (no positions: :meth:`forward_embeds` adds them)."""
+        return self.token_embedding(input_ids)
+
+    def forward_embeds(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(logits [B, T, V], hidden_states, attentions)`` of a sequence given as embeddings ``[B, T, H]``.
+
+        Positions are counted over the real tokens of ``attention_mask`` (as in :meth:`forward`), so
+        ``forward_embeds(embed(x), m)[0] == forward(x, m)``. ``hidden_states`` (with ``output_hidden_states``):
+        the embedding output and every block's output, the last one after the final LayerNorm (what
+        ``lm_head`` reads; Hugging Face's convention), each ``[B, T, H]``. ``attentions`` (with
+        ``output_attentions``): every block's softmax weights ``[B, heads, T, T]``, computed explicitly (SDPA
+        otherwise). Empty tuples when not requested.
+        """
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.d_model:
+            raise KDConfigError(
+                f"inputs_embeds must be [batch, tokens, {self.d_model}], got {tuple(inputs_embeds.shape)}."
+            )
+        b, t, _ = inputs_embeds.shape
+        if t > self.max_seq_len:
+            raise KDConfigError(
+                f"sequence of {t} tokens is longer than TinyGPT's max_seq_len ({self.max_seq_len}): build the model "
+                "with a larger max_seq_len."
+            )
+        shape_probe = inputs_embeds.new_empty(b, t, dtype=torch.long)
+        mask = _as_bool_mask(attention_mask, shape_probe)
+        positions, attn_mask = self._positions_and_mask(shape_probe, mask)
+        x = self.dropout(inputs_embeds + self.position_embedding(positions))
+        hidden: list[Tensor] = [x]
+        weights: list[Tensor] | None = [] if output_attentions else None
+        for block in self.blocks:
+            x, _ = block(x, attn_mask, None, weights)
+            hidden.append(x)
+        x = self.ln_f(x)
+        hidden[-1] = x
+        return (
+            self.lm_head(x),
+            tuple(hidden) if output_hidden_states else (),
+            tuple(weights) if weights is not None else (),
+        )
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -663,6 +737,50 @@ class HFCausalLM(_LoRAMixin, nn.Module, metaclass=ConfigFieldPrefix):
         """Next-token logits ``[B, T, V]`` (position ids counted over real tokens: see the class docstring)."""
         inputs = self._inputs(attention_mask, self._takes_position_ids)
         return self.model(input_ids=input_ids, use_cache=False, **inputs).logits
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings ``[B, T, H]`` (the model's input embedding table; positions are added inside)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    @contextmanager
+    def _eager_attention(self) -> Iterator[None]:
+        """Within the block attention runs in transformers' ``eager`` implementation (which returns weights)."""
+        config = self.model.config
+        current = getattr(config, "_attn_implementation", None)
+        setter = getattr(self.model, "set_attn_implementation", None)
+        if current in (None, "eager") or not callable(setter):
+            yield
+            return
+        setter("eager")
+        try:
+            yield
+        finally:
+            setter(current)
+
+    def forward_embeds(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(logits [B, T, V], hidden_states, attentions)`` of a sequence given as embeddings ``[B, T, H]``
+        (transformers' ``inputs_embeds``; position ids from the mask as in :meth:`forward`). Attention weights
+        ``[B, heads, T, T]`` come from the ``eager`` implementation, switched on for that call only. Empty tuples
+        when not requested."""
+        inputs = self._inputs(attention_mask, self._takes_position_ids)
+        context = self._eager_attention() if output_attentions else contextlib.nullcontext()
+        with context:
+            out = self.model(
+                inputs_embeds=inputs_embeds,
+                use_cache=False,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                **inputs,
+            )
+        hidden = tuple(out.hidden_states or ()) if output_hidden_states else ()
+        attentions = tuple(out.attentions or ()) if output_attentions else ()
+        return out.logits, hidden, attentions
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states ``[B, T, H]`` of the base model (no LM head, no logits computed)."""

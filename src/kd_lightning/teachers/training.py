@@ -61,13 +61,18 @@ def reset_parameters(module: nn.Module, seed: int) -> None:
     own rule (BERT's N(0, 0.02) embeddings, not ``nn.Embedding``'s N(0, 1)), after the generic resets; so is a
     network with an ``init_weights()`` method (TinyGPT: GPT-2's scheme). Without this a TinyGPT teacher trained by
     ``kd fit`` started from ``nn.Embedding``'s N(0, 1) and, on the reasoning demo, never left a plateau.
+    Submodules that say ``is_pretrained = True`` (a pretrained vision tower such as a pretrained
+    :class:`~kd_lightning.models.vlm.DigitPatchEncoder`) keep their weights, with everything inside them.
     """
+    kept = {id(inner) for sub in module.modules() if getattr(sub, "is_pretrained", False) for inner in sub.modules()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for sub in module.modules():
-            if sub is not module and hasattr(sub, "reset_parameters"):
+            if sub is not module and id(sub) not in kept and hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
         for sub in module.modules():
+            if id(sub) in kept:
+                continue
             if hasattr(sub, "config") and callable(getattr(sub, "_init_weights", None)):
                 sub.apply(sub._init_weights)
             elif callable(getattr(sub, "init_weights", None)):

@@ -76,11 +76,13 @@ def rollout(
     top_k: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    **model_kwargs: Any,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` after each left-padded prompt (``temperature=0``: greedy).
 
     The model runs in eval mode (dropout off) under ``no_grad`` and gets its mode back afterwards. Tokens
-    after a row's first EOS are ``pad_token_id`` and masked.
+    after a row's first EOS are ``pad_token_id`` and masked. ``model_kwargs`` go to ``generate`` as they are
+    (e.g. a vision-language model's ``images``).
     """
     check_generation_length("max_new_tokens", max_new_tokens)
     if not callable(getattr(model, "generate", None)):
@@ -98,6 +100,7 @@ def rollout(
             top_k=top_k,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            **model_kwargs,
         )
     finally:
         model.train(was_training)
@@ -112,17 +115,23 @@ def rollout(
 
 
 def response_logits(
-    model: Callable[..., Tensor], prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+    model: Callable[..., Tensor],
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    **model_kwargs: Any,
 ) -> Tensor:
     """Logits ``[B, N, V]`` that predict each response token after its (left-padded) prompt.
 
     Runs ``model(cat(prompt, response), attention_mask=cat(masks))`` and keeps the columns ``P−1 … P+N−2``:
     column ``i`` of the result predicts ``response_ids[:, i]`` whatever the prompt's length, so a teacher
     reading a longer privileged prompt and a student reading the plain one are aligned token by token.
+    ``model_kwargs`` go to the forward as they are (e.g. ``images``).
     """
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
-    logits = model(ids, attention_mask=mask)
+    logits = model(ids, attention_mask=mask, **model_kwargs)
     width = prompt_ids.shape[1]
     return logits[:, width - 1 : width - 1 + response_ids.shape[1]]
 
@@ -212,7 +221,7 @@ class VerifierEvaluation:
 
     # ------------------------------------------------------------------ helpers for methods
     def sample(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, **kwargs: Any) -> Rollout:
-        """:func:`rollout` with the data's EOS and pad ids."""
+        """:func:`rollout` with the data's EOS and pad ids (other ``kwargs``, e.g. ``images``, reach ``generate``)."""
         kwargs.setdefault("eos_token_id", self.eos_token_id)
         kwargs.setdefault("pad_token_id", self.pad_token_id)
         return rollout(model, prompt_ids, prompt_mask, **kwargs)
@@ -234,12 +243,20 @@ class VerifierEvaluation:
         return torch.tensor(values, device=result.response_ids.device)
 
     # ------------------------------------------------------------------ evaluation
+    def generation_inputs(self, batch: Any) -> dict[str, Any]:
+        """Extra inputs of ``generate`` taken from an evaluation batch (none; a vision-language task gives the
+        ``images``). Tensors are repeated row by row for ``avg@k``."""
+        return {}
+
     def evaluate_with_verifier(self, model: nn.Module, batch: Any, stage: str) -> None:
         """Greedy answers (and ``eval_samples`` sampled ones) to the batch's prompts, judged by the verifier."""
         if self.verifier is None or not isinstance(batch, Mapping) or not all(k in batch for k in REASONING_BATCH_KEYS):
             return
         prompt_ids, prompt_mask, answers = batch["prompt_ids"], batch["prompt_mask"], batch["answers"]
-        greedy = self.sample(model, prompt_ids, prompt_mask, max_new_tokens=self.eval_max_new_tokens, temperature=0)
+        extra = self.generation_inputs(batch)
+        greedy = self.sample(
+            model, prompt_ids, prompt_mask, max_new_tokens=self.eval_max_new_tokens, temperature=0, **extra
+        )
         solved = self.rewards(greedy, answers)
         lengths = greedy.lengths.float()
         n = len(answers)
@@ -260,6 +277,7 @@ class VerifierEvaluation:
                 prompt_mask.repeat_interleave(k, 0),
                 max_new_tokens=self.eval_max_new_tokens,
                 temperature=self.eval_temperature,
+                **{key: v.repeat_interleave(k, 0) if isinstance(v, Tensor) else v for key, v in extra.items()},
             )
             correct = self.rewards(repeated, [a for a in answers for _ in range(k)])
             self._update(stage, f"avg@{k}", correct.view(n, k).mean(-1), n)
