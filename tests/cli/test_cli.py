@@ -193,6 +193,9 @@ def test_console_scripts_help() -> None:
     assert sub.returncode == 0 and "--teacher_training.max_epochs" in sub.stdout and "--ckpt_path" in sub.stdout
 
 
+# ~20 s; the default run keeps two-process DDP through kd-fit in tests/cli/test_dense_configs.py (det_cwd),
+# tests/teachers/test_ddp_teacher.py and the methods' DDP cases.
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_two_processes_on_cpu(in_tmp: Path) -> None:
     exe = Path(sys.executable).parent / "kd-fit"
