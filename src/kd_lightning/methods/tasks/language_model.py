@@ -60,6 +60,7 @@ __all__ = [
     "LanguageModelDistillation",
     "lm_batch",
     "masked_token_cross_entropy",
+    "next_token_ce_sums",
     "prompt_lengths",
     "sample_continuations",
     "sampled_token_reverse_kl",
@@ -688,14 +689,19 @@ class LMSupervised(SingleNetwork, LanguageModelDistillation):
                 "labels": batch["sft_labels"],
             }
         input_ids, attention_mask, labels = lm_batch(batch)
-        logits = self.student(input_ids, attention_mask=attention_mask)
-        s, y, mask = shift_for_next_token(logits, labels)
-        flat = upcast(s).reshape(-1, s.shape[-1])
-        ce = F.cross_entropy(
-            flat, y.masked_fill(~mask, 0).reshape(-1), reduction="none", label_smoothing=self.label_smoothing
-        )
-        total = (ce.reshape(y.shape) * mask.to(ce.dtype)).sum()
-        return {"loss": total, "ce": total.detach()}, mask.sum()
+        return next_token_ce_sums(self.student(input_ids, attention_mask=attention_mask), labels, self.label_smoothing)
+
+
+def next_token_ce_sums(
+    logits: Tensor, labels: Tensor, label_smoothing: float = 0.0
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``({"loss": Σ CE, "ce": Σ CE detached}, number of predicted tokens)``: label-smoothed next-token
+    cross-entropy summed over the valid (label ≠ -100) tokens, the supervised modules' ``token_loss_sums``."""
+    s, y, mask = shift_for_next_token(logits, labels)
+    flat = upcast(s).reshape(-1, s.shape[-1])
+    ce = F.cross_entropy(flat, y.masked_fill(~mask, 0).reshape(-1), reduction="none", label_smoothing=label_smoothing)
+    total = (ce.reshape(y.shape) * mask.to(ce.dtype)).sum()
+    return {"loss": total, "ce": total.detach()}, mask.sum()
 
 
 LanguageModelDistillation.teacher_training_module = LMSupervised

@@ -25,15 +25,18 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDConfigError
-from kd_lightning.losses._common import upcast
 from kd_lightning.losses.divergences import forward_kl
 from kd_lightning.losses.lm import shift_for_next_token
 from kd_lightning.methods.core import DistillationModule, SingleNetwork, describe
-from kd_lightning.methods.tasks.language_model import LanguageModelDistillation, lm_batch, masked_token_cross_entropy
+from kd_lightning.methods.tasks.language_model import (
+    LanguageModelDistillation,
+    lm_batch,
+    masked_token_cross_entropy,
+    next_token_ce_sums,
+)
 from kd_lightning.models.vlm import is_vision_language_model
 
 __all__ = ["VLMSupervised", "VisionLanguageDistillation", "batch_images"]
@@ -243,14 +246,7 @@ class VLMSupervised(SingleNetwork, VisionLanguageDistillation):
             self.num_classes = vocab
 
     def token_loss_sums(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
-        _, _, labels = lm_batch(batch)
-        s, y, mask = shift_for_next_token(self.student_logits(batch), labels)
-        flat = upcast(s).reshape(-1, s.shape[-1])
-        ce = F.cross_entropy(
-            flat, y.masked_fill(~mask, 0).reshape(-1), reduction="none", label_smoothing=self.label_smoothing
-        )
-        total = (ce.reshape(y.shape) * mask.to(ce.dtype)).sum()
-        return {"loss": total, "ce": total.detach()}, mask.sum()
+        return next_token_ce_sums(self.student_logits(batch), lm_batch(batch)[2], self.label_smoothing)
 
 
 VisionLanguageDistillation.teacher_training_module = VLMSupervised
