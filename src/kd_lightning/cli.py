@@ -246,7 +246,7 @@ class KDCLI(LightningCLI):
         check_before_teacher = getattr(self.datamodule, "check_before_teacher", None)
         if callable(check_before_teacher):
             check_before_teacher()
-        if getattr(self.datamodule, "num_classes", None) is not None:
+        if getattr(self.datamodule, "num_classes", None) is not None or getattr(self.datamodule, "checks_early", False):
             # Class counts, input shapes, vocabularies: checked now, not after the teacher's training.
             model.check_data(self.datamodule)
         init_args = config["model"]["init_args"]
@@ -295,7 +295,7 @@ class KDCLI(LightningCLI):
         self.fit_seconds = time.perf_counter() - self.fit_started
         metrics = trainer.callback_metrics
         results: dict[str, Any] = {
-            k: float(v) for k, v in metrics.items() if k.startswith(("val/", "train/")) and v.numel() == 1
+            k: float(v) for k, v in metrics.items() if k.startswith(("val/", "train/", "rollout/")) and v.numel() == 1
         }
         results["last_epoch"] = float(trainer.current_epoch)
         if self._subconfig().get("test_after_fit"):
@@ -455,10 +455,9 @@ def _has_split(datamodule: Any, stage: str) -> bool:
 
 
 def _primary_metric(results: dict[str, Any]) -> str:
-    """The metric the summary leads with: verifier pass@1, accuracy, box mAP, mIoU, nDCG@10 or FID when there is
-    one, else perplexity,
-    else the loss."""
-    for name in ("pass@1", "acc", "map", "miou", "ndcg10", "fid", "ppl", "loss"):
+    """The metric the summary leads with: verifier pass@1, episode success, accuracy, box mAP, mIoU, nDCG@10 or FID
+    when there is one, else perplexity, else the loss."""
+    for name in ("pass@1", "success", "acc", "map", "miou", "ndcg10", "fid", "ppl", "loss"):
         if any(k.endswith("/" + name) for k in results):
             return name
     return "loss"
@@ -466,7 +465,7 @@ def _primary_metric(results: dict[str, Any]) -> str:
 
 def _metric_line(results: dict[str, Any], prefix: str, primary: str, label: str = "val") -> str:
     value = results.get(prefix + primary)
-    percent = primary in ("pass@1", "acc", "map", "miou", "ndcg10")
+    percent = primary in ("pass@1", "success", "acc", "map", "miou", "ndcg10")
     text = f"{label} {primary} " + (_pct(value) if percent else ("n/a" if value is None else f"{value:.4f}"))
     agreement = results.get(prefix + "agreement")
     if agreement is not None and "teacher_" not in prefix:

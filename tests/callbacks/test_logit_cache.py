@@ -66,6 +66,7 @@ from kd_lightning.methods import (
     EnsembleKD,
     FitNet,
     GTSelfDistill,
+    HierarchicalMirroredKD,
     KLMixingKD,
     LanguageModelDistillation,
     LMDistill,
@@ -78,6 +79,9 @@ from kd_lightning.methods import (
     NodeClassificationDistillation,
     NodeSupervised,
     OnPolicyDistill,
+    PolicyDistillation,
+    PolicyGradient,
+    PolicySupervised,
     ReasoningDistillation,
     ReasoningSupervised,
     RetrievalDistillation,
@@ -312,7 +316,7 @@ REFUSED += [OPSD, TSDKD, SODA, MixSD]
 REFUSED += [VLMTokenKD, SwitchKD, AlignTI, Seq2SeqKD, AttributionGuidedNMT]
 #: Supervised training of one network: no teacher to replace.
 NO_TEACHER = [Supervised, LMSupervised, ReasoningSupervised, DetectionSupervised, SegmentationSupervised]
-NO_TEACHER += [VLMSupervised, Seq2SeqSupervised]
+NO_TEACHER += [VLMSupervised, Seq2SeqSupervised, PolicySupervised, PolicyGradient]
 #: Task siblings of the core: bases, not methods.
 BASES = [
     ClassificationDistillation,
@@ -326,6 +330,7 @@ BASES = [
     DiffusionDistillation,
     VisionLanguageDistillation,
     Seq2SeqDistillation,
+    PolicyDistillation,
 ]
 #: Dense-prediction methods: their teachers give feature maps and boxes, not per-image class logits.
 OTHER_TASKS = [
@@ -348,6 +353,8 @@ OTHER_TASKS = [
     RetrievalSupervised,
     BOOT,
     DiffusionSupervised,
+    # Embodied policies: batches of environment transitions, teachers that read privileged simulator state.
+    HierarchicalMirroredKD,
 ]
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from kd_lightning.commands import main
-from tests.helpers.cli import CONFIGS_DIR, REPO, TINY_DIGITS
+from tests.helpers.cli import CONFIGS_DIR, REPO, TINY_DIGITS, TINY_EMBODIED
 from tests.helpers.retrieval_data import write_beir
 
 DOC = REPO / "docs" / "bad_inputs.md"
@@ -1061,6 +1061,43 @@ CASES: list[Case] = [
         ),
         "data.init_args.root:",
         ("train.src", "one sentence per line"),
+    ),
+    Case(
+        "embodied-env-not-installed",
+        "asked for an environment id the installed simulators do not provide",
+        (
+            "fit",
+            "--config",
+            "{configs}/babyai_dagger.yaml",
+            "--data.init_args.env=MiniHack-Room-5x5-v0",
+            *TINY_EMBODIED,
+        ),
+        "data.init_args.env:",
+        ("not an installed embodied environment", "pip install 'kd-lightning[embodied]'"),
+        tiny=False,
+    ),
+    Case(
+        "embodied-teacher-needs-privileged-state",
+        "gave a privileged teacher to data that do not expose the simulator state",
+        ("fit", "--config", "{configs}/babyai_steve2.yaml", "--data.init_args.expose_privileged=false", *TINY_EMBODIED),
+        "model.init_args.teacher:",
+        ("privileged simulator state", "expose_privileged: true"),
+        tiny=False,
+        seconds=30.0,  # refused before the missing teacher is trained
+    ),
+    Case(
+        "embodied-student-observation-mismatch",
+        "built the student for another observation shape than the environment's",
+        (
+            "fit",
+            "--config",
+            "{configs}/babyai_dagger.yaml",
+            "--model.init_args.model.init_args.input_shape=[56, 56, 3]",
+            *TINY_EMBODIED,
+        ),
+        "model.init_args.model.init_args.input_shape:",
+        ("[56, 56, 3]", "set input_shape: [7, 7, 3]"),
+        tiny=False,
     ),
     Case(
         "search-no-candidate-under-budget",

@@ -78,3 +78,19 @@ TINY_TRANSLATION = [
     "--data.init_args.eval_batch_size=8",
     "--model.init_args.eval_max_new_tokens=6",
 ]
+
+#: Shrinks an embodied config (configs/babyai_*.yaml, configs/crafter_*.yaml) to seconds: 2 environments, 2 short
+#: DAgger iterations, a 1-iteration teacher, 2 evaluation episodes.
+TINY_EMBODIED = [
+    "--trainer.max_epochs=2",
+    "--trainer.check_val_every_n_epoch=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.init_args.num_envs=2",
+    "--data.init_args.steps_per_iteration=128",
+    "--data.init_args.batch_size=32",
+    "--data.init_args.passes=1",
+    "--data.init_args.eval_episodes=2",
+    "--teacher_training.max_epochs=1",
+    "--test_after_fit=false",
+]

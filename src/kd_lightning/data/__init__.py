@@ -8,6 +8,7 @@ from kd_lightning.data.digit_scenes import make_scenes
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.digits_variants import DigitsVariantsDataModule
 from kd_lightning.data.digits_web import DigitsWebDataModule
+from kd_lightning.data.embodied import EnvRolloutDataModule
 from kd_lightning.data.facts import FactInjectionDataModule
 from kd_lightning.data.graph import CoauthorAmazonDataModule, DigitsGraphDataModule, PlanetoidDataModule
 from kd_lightning.data.imagenet import ImageNetDataModule
@@ -41,6 +42,7 @@ __all__ = [
     "DigitsGraphDataModule",
     "DigitsVariantsDataModule",
     "DigitsWebDataModule",
+    "EnvRolloutDataModule",
     "FactInjectionDataModule",
     "HFTokenizer",
     "ImageNetDataModule",

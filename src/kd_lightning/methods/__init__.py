@@ -43,6 +43,7 @@ from kd_lightning.methods.mst_distill import MSTDistill
 from kd_lightning.methods.on_policy import OnPolicyDistill
 from kd_lightning.methods.opsd import OPSD
 from kd_lightning.methods.pld import PLD
+from kd_lightning.methods.policy_gradient import PolicyGradient
 from kd_lightning.methods.rkd import RKD
 from kd_lightning.methods.seg_acam_kd import SegACAMKD
 from kd_lightning.methods.seg_cirkd import SegCIRKD
@@ -55,6 +56,7 @@ from kd_lightning.methods.sinkd import SinKD
 from kd_lightning.methods.skd import SKD
 from kd_lightning.methods.soda import SODA
 from kd_lightning.methods.sparse_ensemble_kd import SparseEnsembleKD
+from kd_lightning.methods.steve2 import HierarchicalMirroredKD
 from kd_lightning.methods.swing import SwingKD
 from kd_lightning.methods.switch_kd import SwitchKD
 from kd_lightning.methods.taid import TAID
@@ -78,6 +80,7 @@ from kd_lightning.methods.tasks import (
     SegmentationSupervised,
     Supervised,
 )
+from kd_lightning.methods.tasks.policy import PolicyDistillation, PolicySupervised
 from kd_lightning.methods.tasks.seq2seq import Seq2SeqDistillation, Seq2SeqSupervised
 from kd_lightning.methods.tasks.vision_language import VisionLanguageDistillation, VLMSupervised
 from kd_lightning.methods.tgeo_kd import TGeoKD
@@ -129,6 +132,7 @@ __all__ = [
     "EnsembleKD",
     "FitNet",
     "GTSelfDistill",
+    "HierarchicalMirroredKD",
     "KLMixingKD",
     "LMDistill",
     "LMSupervised",
@@ -141,6 +145,9 @@ __all__ = [
     "NodeClassificationDistillation",
     "NodeSupervised",
     "OnPolicyDistill",
+    "PolicyDistillation",
+    "PolicyGradient",
+    "PolicySupervised",
     "ReasoningDistillation",
     "ReasoningSupervised",
     "RetrievalDistillation",

@@ -46,6 +46,7 @@ from .graph import GATNet, GCNNet, GraphMLP, SAGENet
 from .lm import HFCausalLM, TinyGPT
 from .mae_decoder import MAEDecoder, MAEDecoderBlock
 from .multimodal import LateFusionNet, ModalityNet, SignalNet
+from .policy import HierarchicalPolicy
 from .radioml import KDCNN, ClST, KDMobileNet
 from .search import NB201Network
 from .segmentation import DeepLabV3Segmenter, FCNSegmenter, LRASPPSegmenter
@@ -92,6 +93,7 @@ __all__ = [
     "GraphMLP",
     "HFCausalLM",
     "HFSeq2SeqLM",
+    "HierarchicalPolicy",
     "KDMobileNet",
     "LRASPPSegmenter",
     "LateFusionNet",

@@ -29,6 +29,12 @@ DATA_KEYS_NOT_IN_FINGERPRINT = frozenset(
         "return_index",
         "meta_split",  # the teacher trains on the whole training set (see KDDataModule.full_training_set)
         "meta_batch_size",
+        # embodied rollouts: a teacher trains by plain DAgger from the expert (EnvRolloutDataModule.full_training_set)
+        "expert_advice",
+        "mirror_every",
+        "mirror_horizon",
+        "vectorization",
+        "eval_episodes",
     }
 )
 
