@@ -32,7 +32,7 @@ from kd_lightning.models.policy import HierarchicalPolicy
 ENVIRONMENTS = {
     "BabyAI-GoToLocal-v0": ({}, dict(input_shape=(7, 7, 3), input_categories=(11, 6, 3), vocab_size=40)),
     "Crafter": (
-        {"area": 32, "length": 200},
+        {"area": 32, "length": 100},
         dict(input_shape=(64, 64, 3), input_categories=None, vocab_size=27, hidden=256),
     ),
 }

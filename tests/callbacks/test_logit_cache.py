@@ -261,7 +261,9 @@ def test_cached_loss_sequence_equals_online_within_fp16(build: str, fast: bool, 
         index, view = index[pick], view[pick]
     expected = _expected_rows(cifar_root, module.teacher, index, view)
     stored = torch.from_numpy(store.read(index, view)).float()
-    torch.testing.assert_close(stored, expected.half().float(), rtol=0, atol=1e-6)
+    # The cache's batched teacher forward and the per-sample reference agree in float32 up to rounding (the CPU's
+    # kernels may block a batch differently), so a stored fp16 value can sit one fp16 ulp (relative 2^-10) away.
+    torch.testing.assert_close(stored, expected.half().float(), rtol=2**-10, atol=1e-6)
     assert module._teacher_logit_source is None  # detached after fit
 
 

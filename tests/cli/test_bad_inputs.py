@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from kd_lightning.commands import main
-from tests.helpers.cli import CONFIGS_DIR, REPO, TINY_DIGITS, TINY_EMBODIED
+from tests.helpers.cli import CONFIGS_DIR, REPO, TINY_DIGITS
 from tests.helpers.retrieval_data import write_beir
 
 DOC = REPO / "docs" / "bad_inputs.md"
@@ -1070,7 +1070,6 @@ CASES: list[Case] = [
             "--config",
             "{configs}/babyai_dagger.yaml",
             "--data.init_args.env=MiniHack-Room-5x5-v0",
-            *TINY_EMBODIED,
         ),
         "data.init_args.env:",
         ("not an installed embodied environment", "pip install 'kd-lightning[embodied]'"),
@@ -1079,11 +1078,11 @@ CASES: list[Case] = [
     Case(
         "embodied-teacher-needs-privileged-state",
         "gave a privileged teacher to data that do not expose the simulator state",
-        ("fit", "--config", "{configs}/babyai_steve2.yaml", "--data.init_args.expose_privileged=false", *TINY_EMBODIED),
+        ("fit", "--config", "{configs}/babyai_steve2.yaml", "--data.init_args.expose_privileged=false"),
         "model.init_args.teacher:",
         ("privileged simulator state", "expose_privileged: true"),
         tiny=False,
-        seconds=30.0,  # refused before the missing teacher is trained
+        seconds=30.0,  # refused before the missing teacher is trained (data.checks_early)
     ),
     Case(
         "embodied-student-observation-mismatch",
@@ -1093,7 +1092,6 @@ CASES: list[Case] = [
             "--config",
             "{configs}/babyai_dagger.yaml",
             "--model.init_args.model.init_args.input_shape=[56, 56, 3]",
-            *TINY_EMBODIED,
         ),
         "model.init_args.model.init_args.input_shape:",
         ("[56, 56, 3]", "set input_shape: [7, 7, 3]"),

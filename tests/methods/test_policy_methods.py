@@ -85,6 +85,11 @@ def test_teacher_weights_do_not_move_and_student_ignores_privileged_inputs(tmp_p
                  "privileged_vector": torch.rand_like(batch["privileged_vector"]),
                  "labels": torch.randint_like(batch["labels"], 0, 3)}  # fmt: skip
     assert all(torch.equal(reference[k], v) for k, v in module.student(scrambled).items())
+    assert set(module.predict_step(batch, 0)) == set(reference)  # predict: the student's outputs on its own view
+    exported = module.export_student(tmp_path / "student.pt")
+    fresh = student()
+    fresh.load_state_dict(torch.load(exported, weights_only=True)["state_dict"])
+    assert torch.equal(fresh(batch)["actor/action"], reference["actor/action"])
 
 
 def test_dagger_student_learns_the_expert_and_beats_a_random_policy() -> None:
@@ -127,7 +132,11 @@ def test_data_checks_name_the_field_and_fix() -> None:
     PolicyGradient(student()).check_data(small_data(on_policy=True, beta_schedule="constant", beta0=0.0))
 
 
-@pytest.mark.parametrize("config", ["crafter_steve2.yaml", "crafter_reward_only.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    # REINFORCE's path is the BabyAI reward-only config's; on Crafter it adds ~6 s, so slow
+    ["crafter_steve2.yaml", pytest.param("crafter_reward_only.yaml", marks=pytest.mark.slow)],
+)
 def test_crafter_configs_fit_and_report_achievements(config: str, in_tmp: Path) -> None:
     pytest.importorskip("crafter")
     tiny_world = '--data.init_args.env_kwargs={"area": 32, "length": 24, "size": 64}'
@@ -140,6 +149,7 @@ def test_crafter_configs_fit_and_report_achievements(config: str, in_tmp: Path) 
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # ~19 s, two processes; DDP launch stays in the default run (dense, teacher cases)
 def test_dagger_under_ddp_two_processes_on_cpu(in_tmp: Path) -> None:
     """Each rank collects its own environments (seeds offset by rank) and yields the same number of minibatches;
     evaluation episodes are split across ranks and the success metric is synced."""

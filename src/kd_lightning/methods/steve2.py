@@ -4,9 +4,10 @@ Zhao et al., "Do We Really Need a Complex Agent System? Distill Embodied Agent i
 arXiv 2404.04619. Verified (abstract only): a hierarchical KD framework with "a hierarchical system for
 multi-granular task division", "a mirrored distillation method for parallel simulation data" and "an extra expert
 model for bringing additional knowledge into parallel simulation"; after distillation the single agent completes
-open-ended tasks without expert guidance (Minecraft navigation and creation, "1.4x - 7.3x"). The method section is
-not available; **everything below is a reconstruction** (``methods/14_steve2_embodied.md``), every choice an
-argument:
+open-ended tasks without expert guidance (Minecraft navigation and creation, "1.4x - 7.3x"). Checked again for this
+implementation: the abstract on arXiv mirrors (takara.ai, arxivlens, researchtrend, emergentmind) and papers with
+code ("No code implementations yet"); the method section, equations and tables could not be read. **Everything
+below is a reconstruction** (``methods/14_steve2_embodied.md``), every choice an argument:
 
 - **hierarchy** — task -> sub-task (manager) -> subgoal (conductor) -> action (actor); the student
   (:class:`~kd_lightning.models.policy.HierarchicalPolicy`, egocentric view + instruction, one forward pass) mirrors

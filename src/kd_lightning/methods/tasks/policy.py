@@ -179,7 +179,8 @@ class PolicyDistillation(DistillationModule):
 
     # ------------------------------------------------------------------ acting
     def inputs_of(self, batch: Any) -> Any:
-        return batch[self.student.input_key]
+        """The observation dict the student reads (its view and the mission): ``predict`` returns its outputs."""
+        return {key: batch[key] for key in (self.student.input_key, "mission") if key in batch}
 
     def act(self, observation: Mapping[str, Tensor], role: str, greedy: bool = True) -> Tensor | None:
         """Actions of ``role`` (``student`` or ``teacher``) for a batch of observations; ``None`` when the role has no
