@@ -133,9 +133,10 @@ class BabyAIEnv:
             rotated so that it faces up (15 covers an 8x8 room from any cell; cells off the map read 0).
         expert_knows_map: the bot starts with the whole level mapped (its visibility mask all true), so it plans on
             the true grid instead of exploring first and its labels depend on the state, not on what it happened to
-            see (a privileged "map specialist"); ``None``: on for single-room levels, where it solved 100/100 seeds
-            of GoToLocal, PickupLoc and PutNextLocal in a one-off check (the suite checks 20 GoToLocal seeds), off for multi-room levels, where a full mask breaks
-            the bot (assertions in 82-95 % of BossLevel episodes, spec §3).
+            see (a privileged "map specialist"); ``None``: on for single-room levels (in a one-off check it solved
+            100/100 seeds of GoToLocal, PickupLoc and PutNextLocal; the suite checks 20 GoToLocal seeds), off for
+            multi-room levels, where a full mask breaks the bot (assertions in 82-95 % of BossLevel episodes, spec
+            §3).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
